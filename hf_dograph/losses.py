@@ -1,0 +1,33 @@
+"""Per-sample losses ℓ_i (METHOD.md step 1): the mean token loss of each sequence."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses, token_counts), each (B,): the mean cross-entropy of each sequence over its label tokens that
+    are not -100, with the causal shift HF causal LMs apply (position t predicts label t+1).
+
+    Computed in float32 whatever the logits' dtype, as HF's own loss does. A sequence with no label token
+    gets loss 0 (and so a zero gradient).
+    """
+    shift_logits = logits[:, :-1, :].float()
+    shift_labels = labels[:, 1:].to(shift_logits.device)
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    return token_loss.sum(dim=1) / counts.clamp(min=1), counts
+
+
+def classification_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(losses, counts) for sequence classification: one cross-entropy per sample."""
+    losses = F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
+    return losses, torch.ones_like(losses, dtype=torch.long)
