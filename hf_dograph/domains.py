@@ -57,8 +57,8 @@ def domain_statistics(sketches: torch.Tensor, losses: torch.Tensor, assignments:
 
 
 def _first_appearance_order(labels: np.ndarray) -> np.ndarray:
-    """Relabel clusters 0..m'-1 in order of first appearance in the batch: the same partition then has
-    the same ids whatever numbering K-means happened to use, and empty clusters disappear."""
+    """Relabel clusters 0..m'-1 in order of first appearance: the same partition then has the same ids
+    whatever numbering K-means happened to use, and empty clusters disappear."""
     _, first = np.unique(labels, return_index=True)
     order = labels[np.sort(first)]
     remap = {int(old): new for new, old in enumerate(order)}
@@ -120,14 +120,20 @@ class DomainFinder:
             or self.last_fit_step is None
             or step - self.last_fit_step >= self.refit_steps
         )
+        # Cluster the rows in a canonical (lexicographic) order: the partition, its numbering and so the
+        # weights then do not depend on how the batch was ordered or split across processes.
+        order = np.lexsort(z.T[::-1])
+        zs = z[order]
         if refit:
-            labels, centers = self._kmeans(z, m, step)
+            labels_sorted, centers = self._kmeans(zs, m, step)
             if online:
                 self.centroids, self.last_fit_step = centers, step
         else:
-            d2 = ((z[:, None, :] - self.centroids[None, :, :]) ** 2).sum(-1)
-            labels = d2.argmin(axis=1)
-        return torch.from_numpy(_first_appearance_order(labels))
+            d2 = ((zs[:, None, :] - self.centroids[None, :, :]) ** 2).sum(-1)
+            labels_sorted = d2.argmin(axis=1)
+        labels = np.empty(n, dtype=np.int64)
+        labels[order] = _first_appearance_order(labels_sorted)
+        return torch.from_numpy(labels)
 
     def state_dict(self) -> dict:
         return {

@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer
 
 from .config import DoGraphSettings
+from .distributed import all_reduce_gradients, gather_rows, is_distributed, no_sync
 from .domains import DomainFinder, domain_statistics, normalized_mutual_information
 from .losses import IGNORE_INDEX, causal_lm_per_sample_loss, classification_per_sample_loss
 from .sketch import build_engine
@@ -76,6 +77,12 @@ class DoGraphTrainer(Trainer):
             DoGraphSettings.from_args(training_args) if training_args is not None else DoGraphSettings()
         )
         super().__init__(*args, **kwargs)
+        if getattr(self, "is_fsdp_enabled", False):
+            raise NotImplementedError(
+                "DoGraphTrainer does not support FSDP yet: its per-sample gradient engines hook whole (unsharded) "
+                "weight matrices, which FSDP shards. Use DDP (plain `accelerate launch`/`torchrun` without an FSDP "
+                "config), which DoGraph supports exactly; see README, 'Several GPUs'."
+            )
         s = self.dograph_settings
         self.dograph_last: DoGraphStepRecord | None = None
         self.dograph_history: list[dict] = []
@@ -189,21 +196,24 @@ class DoGraphTrainer(Trainer):
         self._check_batch(inputs)
         engine = self.grad_engine
 
-        # 1. per-sample losses and per-sample gradient information (one forward, one backward)
-        with engine.capturing():
+        # 1. per-sample losses and per-sample gradient information (one forward, one backward). Under DDP the
+        #    backward must not all-reduce: the unweighted gradient is not the step's (see distributed.py).
+        with engine.capturing(), no_sync(model):
             with self.compute_loss_context_manager():
                 losses = self.per_sample_losses(model, inputs)
             engine.backward(losses)
         losses = losses.detach()
         kept = engine.finite_samples() & torch.isfinite(losses)
 
-        # 2-3. domains and weights → α
+        # 2-3. domains and weights → α (over the global batch when data-parallel; this rank's share back)
         alpha, record = self.compute_sample_weights(engine, losses, kept, human)
 
         # 4. the exact weighted gradient; micro-batches of an accumulation are averaged
         accumulation = self._accumulation_steps()
         engine.accumulate_weighted_gradient(alpha.to(losses.device), scale=1.0 / accumulation)
         engine.clear()
+        if is_distributed() and self.accelerator.sync_gradients:
+            all_reduce_gradients([p for _, p in engine.params])
         self._record(record)
 
         mean_loss = losses[kept].mean() if bool(kept.any()) else torch.tensor(float("nan"), device=losses.device)
@@ -215,25 +225,33 @@ class DoGraphTrainer(Trainer):
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def compute_sample_weights(self, engine, losses: torch.Tensor, kept: torch.Tensor, human: torch.Tensor | None):
-        """α (B,) on the kept samples (0 elsewhere, Σ α = 1) and the step's record."""
+        """α for this process's samples (0 where left out) and the step's record.
+
+        Weights are solved over the global batch: with several processes, losses, sketches and labels are
+        all-gathered and every rank computes the same α (Σ over all ranks = 1), then keeps its own slice.
+        """
         s = self.dograph_settings
-        b = losses.shape[0]
         device = losses.device
+        all_losses, mine = gather_rows(losses.float())
+        all_kept, _ = gather_rows(kept)
+        all_human = None if human is None else gather_rows(human.to(device).long())[0].cpu()
+        all_losses, all_kept = all_losses.cpu(), all_kept.cpu()
+        b = all_losses.shape[0]
         alpha = torch.zeros(b, dtype=torch.float64)
         assignments = torch.full((b,), -1, dtype=torch.long)
-        idx = kept.nonzero().flatten().cpu()
+        idx = all_kept.nonzero().flatten()
         n = len(idx)
         rec = dict(
             domain_weights=torch.ones(1, dtype=torch.float64), sigma2=torch.zeros(1, dtype=torch.float64),
             cluster_sizes=torch.tensor([n]), domain_losses=torch.zeros(1, dtype=torch.float64), value=float("nan"),
         )
-        kept_losses = losses.cpu()[idx]
+        kept_losses = all_losses[idx]
         if n == 0:
             pass
         elif s.mixing_strategy == "dograph":
             from .objectives import solve_domain_weights
 
-            z = engine.sketches()[idx.to(device)]
+            z = gather_rows(engine.sketches())[0].cpu()[idx]
             assign = self.domain_finder.assign(z, step=self._step_key())
             stats = domain_statistics(z, kept_losses, assign)
             result = solve_domain_weights(stats, s)
@@ -243,7 +261,7 @@ class DoGraphTrainer(Trainer):
             rec.update(domain_weights=w, sigma2=stats.sigma2, cluster_sizes=stats.sizes,
                        domain_losses=stats.losses, value=float(result.value))
         else:
-            alpha[idx] = self._baseline_weights(kept_losses, human, idx).double()
+            alpha[idx] = self._baseline_weights(kept_losses, all_human, idx).double()
             assignments[idx] = 0
             rec["domain_losses"] = kept_losses.double().mean().reshape(1)
         record = DoGraphStepRecord(
@@ -251,16 +269,17 @@ class DoGraphTrainer(Trainer):
             domain_weights=rec["domain_weights"],
             sample_weights=alpha,
             sigma2=rec["sigma2"],
-            losses=losses.cpu(),
+            losses=all_losses,
             cluster_sizes=rec["cluster_sizes"],
             domain_losses=rec["domain_losses"],
             objective_value=rec["value"],
             num_nonfinite=b - n,
-            human_domains=None if human is None else human.detach().cpu().long(),
+            human_domains=all_human,
         )
-        return alpha, record
+        return alpha[mine], record
 
     def _baseline_weights(self, losses: torch.Tensor, human: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
+        """α over the kept samples `idx` (losses already restricted to them) for the baseline strategies."""
         s = self.dograph_settings
         if s.mixing_strategy == "uniform":
             return torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
@@ -274,7 +293,7 @@ class DoGraphTrainer(Trainer):
                 f"{s.domain_label_column!r} column: use a domain-labelled dataset (hf_dograph.data) or set "
                 "domain_label_column to the column that holds the labels."
             )
-        return self.group_dro.update(losses, human.detach().cpu().long()[idx])
+        return self.group_dro.update(losses, human[idx])
 
     # ------------------------------------------------------------------ logging
     def _record(self, record: DoGraphStepRecord) -> None:

@@ -1,0 +1,57 @@
+"""Run by tests/test_distributed.py, as one process or under `torchrun --nproc_per_node=2`.
+
+Trains a tiny GPT-2 (SGD: parameters then differ by lr × the gradient difference) for each configuration and (rank 0) saves the final parameters and the domain
+weights of every micro-batch, so the test can compare one process with batch B to two with B/2 each.
+"""
+
+import json
+import os
+import sys
+
+import torch
+from datasets import Dataset
+
+from hf_dograph import DoGraphConfig, DoGraphTrainer
+from hf_dograph.sketch import ENGINES
+
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2  # noqa: E402
+
+GLOBAL_BATCH = 8
+
+
+def run(out_dir: str, engine: str, accumulation: int, uneven: bool, fail_rank: int | None) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rows = []
+    for s in range(3 * accumulation):
+        rows += rows_from_batch(make_batch(batch=GLOBAL_BATCH, seed=s))
+    if uneven:
+        rows = rows[:-2]  # the last global batch holds B - 2 samples
+    args = DoGraphConfig(
+        output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=accumulation,
+        num_train_epochs=1, learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
+        num_domains=3, projection_dim=64, grad_engine=engine, seed=0, logging_steps=1, ddp_timeout=60,
+        accelerator_config={"even_batches": False},
+    )
+    trainer = DoGraphTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_list(rows), data_collator=stack_collator)
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(rows)))
+    weights = []
+    original = trainer._record
+    trainer._record = lambda r: (weights.append(r.domain_weights.tolist()), original(r))
+    if fail_rank is not None and trainer.args.process_index == fail_rank:
+        def broken(*a, **k):
+            raise RuntimeError(f"deliberate failure on rank {fail_rank}")
+        trainer.training_step = broken
+    trainer.train()
+    if trainer.is_world_process_zero():
+        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        name = f"{engine}_ga{accumulation}_{'uneven' if uneven else 'even'}"
+        torch.save({"params": params, "weights": weights, "steps": trainer.state.global_step},
+                   os.path.join(out_dir, f"{name}.pt"))
+
+
+if __name__ == "__main__":
+    out, spec = sys.argv[1], json.loads(sys.argv[2])
+    for cfg in spec["configs"]:
+        if cfg["engine"] in ENGINES:
+            run(out, cfg["engine"], cfg["accumulation"], cfg["uneven"], spec.get("fail_rank"))

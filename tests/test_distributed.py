@@ -1,0 +1,66 @@
+"""DDP on CPU (gloo) through torchrun: two processes with B/2 each equal one process with B."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_dograph.sketch import ENGINES
+
+WORKER = Path(__file__).with_name("ddp_worker.py")
+CONFIGS = [
+    {"engine": e, "accumulation": ga, "uneven": uneven}
+    for e in ("opacus", "factored") if e in ENGINES
+    for ga, uneven in ((1, False), (2, False), (1, True))
+]
+
+
+def launch(out: Path, nproc: int, spec: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nproc == 1:
+        cmd = [sys.executable, str(WORKER), str(out), json.dumps(spec)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               str(WORKER), str(out), json.dumps(spec)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path_factory.mktemp(f"ddp{nproc}")
+        proc = launch(out, nproc, {"configs": CONFIGS})
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        results[nproc] = {p.stem: torch.load(p) for p in out.glob("*.pt")}
+    return results
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['engine']}-ga{c['accumulation']}-{'uneven' if c['uneven'] else 'even'}")
+def test_two_processes_equal_one(runs, cfg):
+    name = f"{cfg['engine']}_ga{cfg['accumulation']}_{'uneven' if cfg['uneven'] else 'even'}"
+    one, two = runs[1][name], runs[2][name]
+    assert one["steps"] == two["steps"] == 3
+    # Same domains and weights at every micro-batch (rank 0 records the global batch's weights).
+    assert len(one["weights"]) == len(two["weights"])
+    for w1, w2 in zip(one["weights"], two["weights"]):
+        assert torch.allclose(torch.tensor(w1), torch.tensor(w2), rtol=1e-5, atol=1e-7)
+    for n, p in one["params"].items():
+        q = two["params"][n]
+        assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (n, float((p - q).abs().max()))
+
+
+def test_a_failing_rank_does_not_hang_the_others(tmp_path):
+    spec = {"configs": [CONFIGS[0]], "fail_rank": 1}
+    start = time.time()
+    proc = launch(tmp_path, 2, spec, timeout=240)
+    assert proc.returncode != 0
+    assert "deliberate failure on rank 1" in proc.stderr
+    assert time.time() - start < 180
