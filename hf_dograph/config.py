@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
+BUILTIN_OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
 GRAD_ENGINES = ("factored", "opacus")
 STRATEGIES = ("dograph", "uniform", "loss_reweighting", "group_dro")
 
@@ -42,8 +42,8 @@ class DoGraphSettings:
         default="uncertainty",
         metadata={
             "help": "How domain weights are solved on the simplex: 'uncertainty' (w ∝ 1/(σ²+ε), the best in the "
-            "paper), 'variance', 'robust' (softmax of domain losses), 'alignment'.",
-            "choices": list(OBJECTIVES),
+            "paper), 'variance', 'robust' (softmax of domain losses), 'alignment', or a name registered in "
+            "hf_dograph.objectives.OBJECTIVE_SOLVERS.",
         },
     )
     graph_lambda: float = field(
@@ -117,8 +117,13 @@ class DoGraphSettings:
             raise ValueError(
                 f"mixing_strategy={self.mixing_strategy!r} is unknown: use one of {', '.join(STRATEGIES)}."
             )
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective={self.objective!r} is unknown: use one of {', '.join(OBJECTIVES)}.")
+        from .objectives import OBJECTIVE_SOLVERS  # the registry: users may add their own objectives
+
+        if self.objective not in OBJECTIVE_SOLVERS:
+            raise ValueError(
+                f"objective={self.objective!r} is unknown: use one of {', '.join(OBJECTIVE_SOLVERS)} "
+                "(or register yours in hf_dograph.objectives.OBJECTIVE_SOLVERS)."
+            )
         if self.grad_engine not in GRAD_ENGINES:
             raise ValueError(f"grad_engine={self.grad_engine!r} is unknown: use one of {', '.join(GRAD_ENGINES)}.")
         if int(self.num_domains) < 1:
