@@ -22,10 +22,14 @@ CONFIGS = [
 ]
 
 
-def launch(out: Path, nproc: int, spec: dict, timeout: int = 300) -> subprocess.CompletedProcess:
+def launch(out: Path, nproc: int, spec: dict, timeout: int = 300, launcher: str = "torchrun") -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), str(out), json.dumps(spec)]
+    elif launcher == "accelerate":
+        # --multi_gpu selects DDP; without GPUs accelerate runs it on CPU with gloo.
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={nproc}",
+               "--num_machines=1", "--mixed_precision=no", "--dynamo_backend=no", str(WORKER), str(out), json.dumps(spec)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                str(WORKER), str(out), json.dumps(spec)]
@@ -55,6 +59,16 @@ def test_two_processes_equal_one(runs, cfg):
     for n, p in one["params"].items():
         q = two["params"][n]
         assert torch.allclose(p, q, rtol=1e-5, atol=1e-6), (n, float((p - q).abs().max()))
+
+
+def test_accelerate_launch_equals_one_process(runs, tmp_path):
+    cfg = {"engine": "opacus", "accumulation": 2, "uneven": False}
+    proc = launch(tmp_path, 2, {"configs": [cfg]}, launcher="accelerate")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = torch.load(tmp_path / "opacus_ga2_even.pt")
+    one = runs[1]["opacus_ga2_even"]
+    for n, p in one["params"].items():
+        assert torch.allclose(p, two["params"][n], rtol=1e-5, atol=1e-6), n
 
 
 def test_a_failing_rank_does_not_hang_the_others(tmp_path):
