@@ -85,21 +85,25 @@ class DomainFinder:
         self.last_fit_step: int | None = None
         self._warned_small_batch = False
 
-    def _kmeans(self, z: np.ndarray, m: int, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def _kmeans(self, z: np.ndarray, m: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         from sklearn.cluster import KMeans
 
         if m == 1:
             return np.zeros(len(z), dtype=np.int64), z.mean(axis=0, keepdims=True)
-        # The seed depends on the step so that clustering is reproducible, also after a resume.
-        km = KMeans(n_clusters=m, n_init=self.n_init, max_iter=self.max_iter, random_state=self.seed + step)
+        km = KMeans(n_clusters=m, n_init=self.n_init, max_iter=self.max_iter, random_state=seed)
         with warnings.catch_warnings():
             # Near-duplicate sketches trigger sklearn's ConvergenceWarning; the result is still a partition.
             warnings.simplefilter("ignore")
             labels = km.fit_predict(z)
         return labels.astype(np.int64), km.cluster_centers_
 
-    def assign(self, sketches: torch.Tensor, step: int = 0) -> torch.Tensor:
-        """Domain id (0..m'-1, m' ≤ num_domains, each used) of each sketch row."""
+    def assign(self, sketches: torch.Tensor, step: int = 0, micro: int = 0) -> torch.Tensor:
+        """Domain id (0..m'-1, m' ≤ num_domains, each used) of each sketch row.
+
+        `step` is the optimizer step (online domains refit every `refit_steps` of them) and `micro` the
+        micro-batch within it; K-means' seed is derived from both, so clustering is reproducible, also
+        after a resume.
+        """
         z = sketches.detach().to("cpu", torch.float64).numpy()
         n = len(z)
         if n == 0:
@@ -125,7 +129,7 @@ class DomainFinder:
         order = np.lexsort(z.T[::-1])
         zs = z[order]
         if refit:
-            labels_sorted, centers = self._kmeans(zs, m, step)
+            labels_sorted, centers = self._kmeans(zs, m, self.seed + step * 1024 + micro)
             if online:
                 self.centroids, self.last_fit_step = centers, step
         else:

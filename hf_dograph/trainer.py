@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from transformers import Trainer
 
+from .card import DoGraphCardMixin
+from .checkpointing import DoGraphCheckpointMixin
 from .config import DoGraphSettings
 from .distributed import all_reduce_gradients, gather_rows, is_distributed, no_sync
 from .domains import DomainFinder, domain_statistics, normalized_mutual_information
@@ -56,7 +58,7 @@ def _entropy(w: torch.Tensor) -> float:
     return float(-(w * w.log()).sum())
 
 
-class DoGraphTrainer(Trainer):
+class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
     """A `transformers.Trainer` that applies DoGraph's weighted gradient at every training step.
 
     Takes the same arguments as `Trainer`. `args` may be a `DoGraphConfig` (TrainingArguments + DoGraph
@@ -180,12 +182,12 @@ class DoGraphTrainer(Trainer):
                 "labels (with -100 on padding)."
             )
 
-    def _step_key(self) -> int:
-        """A number unique to this micro-batch (optimizer step, index within it), stable across resumes."""
+    def _step_key(self) -> tuple[int, int]:
+        """(optimizer step, index of this micro-batch within it): stable across resumes."""
         gs, i = self._micro_step
         i = i + 1 if gs == self.state.global_step else 0
         self._micro_step = (self.state.global_step, i)
-        return self.state.global_step * 1024 + i
+        return self._micro_step
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
@@ -252,14 +254,15 @@ class DoGraphTrainer(Trainer):
             from .objectives import solve_domain_weights
 
             z = gather_rows(engine.sketches())[0].cpu()[idx]
-            assign = self.domain_finder.assign(z, step=self._step_key())
+            step, micro = self._step_key()
+            assign = self.domain_finder.assign(z, step=step, micro=micro)
             stats = domain_statistics(z, kept_losses, assign)
             result = solve_domain_weights(stats, s)
             w = result.weights.double()
             alpha[idx] = w[assign] / stats.sizes[assign].double()
             assignments[idx] = assign
             rec.update(domain_weights=w, sigma2=stats.sigma2, cluster_sizes=stats.sizes,
-                       domain_losses=stats.losses, value=float(result.value))
+                       domain_losses=stats.losses, value=float(result.value), centroids=stats.centroids)
         else:
             alpha[idx] = self._baseline_weights(kept_losses, all_human, idx).double()
             assignments[idx] = 0
@@ -275,6 +278,7 @@ class DoGraphTrainer(Trainer):
             objective_value=rec["value"],
             num_nonfinite=b - n,
             human_domains=all_human,
+            extra={"centroids": rec["centroids"]} if "centroids" in rec else {},
         )
         return alpha[mine], record
 
@@ -319,6 +323,7 @@ class DoGraphTrainer(Trainer):
             m["nmi"].append(normalized_mutual_information(record.assignments[kept], human[kept]))
         self._nonfinite_since_log += record.num_nonfinite
         self._append_history(record)
+        self._dograph_observe(record)  # checkpointing.py: last-step summary for plots, NMI into the history
 
     def _append_history(self, record: DoGraphStepRecord) -> None:
         """One entry per micro-batch: what the plots and the model card show."""
