@@ -51,7 +51,7 @@ class DoGraphSettings:
         metadata={"help": "λ ≥ 0: weight of the domain-graph smoothness term λ·wᵀL_G·w (0 turns it off)."},
     )
     grad_engine: str = field(
-        default="opacus",
+        default="factored",
         metadata={
             "help": "How per-sample gradient sketches are computed: 'factored' (fast; never forms per-sample "
             "gradients of weight matrices) or 'opacus' (reference; materializes every per-sample gradient).",

@@ -675,7 +675,7 @@ dograph:
   objective: uncertainty      # the paper's best objective
   uncertainty_eps: 1.0        # ε = mean σ²: with 16 samples in 4 domains, one-sample domains are common and
                               # the default 0.1 hands them most of the weight (worse validation loss here)
-  grad_engine: opacus
+  grad_engine: factored
 
 training:
   max_steps: 200

@@ -2,12 +2,7 @@
 
 from .base import ENGINES, GradEngine, UnsupportedLayerError, build_engine, register_engine, trainable_parameters
 from .projection import BlockGaussianProjection, gaussian_matrix
-from . import opacus_engine  # noqa: F401  (registers "opacus")
-
-try:  # the factored engine registers "factored" when present
-    from . import factored  # noqa: F401
-except ImportError:  # pragma: no cover - during development only
-    pass
+from . import factored, opacus_engine  # noqa: F401  (register "factored" and "opacus")
 
 __all__ = [
     "ENGINES",

@@ -1,0 +1,333 @@
+"""Step time and peak memory: plain `Trainer` vs `DoGraphTrainer` with the opacus and factored engines.
+
+Same model (same init), same batches for every trainer. For each (model, batch size):
+
+* **peak memory**: each trainer runs `train()` for one step in a fresh subprocess, its optimizer state
+  allocated beforehand, so that its peak (ru_maxrss on CPU, torch.cuda.max_memory_allocated on GPU) is
+  its own and includes everything a steady-state step holds;
+* **step time**: plain `Trainer` and DoGraph-factored run in one subprocess, alternating steps (order
+  flipped every round) after one warm-up step each; the ratio is the median over rounds of
+  t(factored)/t(plain) — on a shared machine whose load drifts, only such paired ratios are comparable.
+  CPU-time ratios (user + system of the process) are reported too.
+
+Ratios are to plain `Trainer` at the same point, measured in the same run.
+
+    python benchmarks/step_cost.py                 # the full grid (≈ 20 min on a busy 2-core CPU)
+    python benchmarks/step_cost.py --quick         # 4x256 only, B = 8/16 (≈ 5 min)
+    python benchmarks/step_cost.py --device cuda --models 12x768 --batch-sizes 16 --seq 512   # GPT-2 small
+
+The reference (opacus) engine generates a k × d Gaussian block by block every step (d = all trainable
+parameters): on CPU that costs minutes per step at these sizes, so by default it runs only on the smaller
+model at B = 8 and 16, for one measured step each (its per-step time is dominated by that projection, so
+warm-up effects are negligible in comparison); `--opacus-models` / `--opacus-batch-sizes` change that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+MODELS = {  # name → (n_layer, n_embd)
+    "4x256": (4, 256),
+    "6x512": (6, 512),
+    "12x768": (12, 768),  # GPT-2 small (124M)
+}
+VOCAB = 50257
+
+
+# ---------------------------------------------------------------------------------------------- worker
+def _rss_now_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def run_point(spec: dict) -> dict:
+    """One (model, batch, trainer) point, in this process. Returns times and memory."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    from datasets import Dataset
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+    from hf_dograph import DoGraphConfig, DoGraphTrainer
+
+    device = spec["device"]
+    n_layer, n_embd = MODELS[spec["model"]]
+    batch, seq = spec["batch"], spec["seq"]
+    steps = spec["warmup"] + spec["steps"]
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=seq, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64),
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, VOCAB, (steps * batch, seq), generator=g)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(),
+                              "attention_mask": torch.ones_like(ids).tolist()})
+
+    def collate(rows):
+        return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+    times: list[float] = []
+    cpu_times: list[float] = []
+
+    def cpu_now() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            self.t0, self.c0 = time.perf_counter(), cpu_now()
+
+        def on_step_end(self, args, state, control, **kw):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+            cpu_times.append(cpu_now() - self.c0)
+
+    common = dict(output_dir=f"/tmp/step_cost_{os.getpid()}", per_device_train_batch_size=batch, max_steps=steps,
+                  report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, learning_rate=1e-4,
+                  seed=0, use_cpu=(device == "cpu"), dataloader_num_workers=0, bf16=spec.get("bf16", False))
+    kind = spec["trainer"]
+    if kind == "plain":
+        args = TrainingArguments(**common)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()])
+    else:
+        args = DoGraphConfig(**common, grad_engine=kind, projection_dim=spec["projection_dim"])
+        trainer = DoGraphTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()])
+    # Allocate the optimizer's state before measuring (a step with zero gradients: Adam leaves the weights
+    # as they are), so that one measured step shows the steady-state peak, optimizer state included.
+    trainer.create_optimizer_and_scheduler(num_training_steps=steps)
+    for p in trainer.model.parameters():
+        if p.requires_grad:
+            p.grad = torch.zeros_like(p)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _rss_now_mb()
+    trainer.train()
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    measured = times[spec["warmup"]:] or times
+    measured_cpu = cpu_times[spec["warmup"]:] or cpu_times
+    out = dict(spec, times=times, cpu_times=cpu_times, step_s=statistics.median(measured),
+               cpu_s=statistics.median(measured_cpu), peak_mb=peak, base_mb=base, step_peak_mb=peak - base)
+    if kind == "factored":
+        out["engine"] = {k: v for k, v in trainer.grad_engine.describe().items() if k in
+                         ("sketch_input_dim", "factor_dim", "projection_dim", "fallback_modules")}
+    return out
+
+
+def run_paired(spec: dict) -> dict:
+    """Step time of plain `Trainer` and DoGraph-factored, alternating steps in one process.
+
+    On a shared machine the load drifts by 2× within minutes; timing both trainers step by step, in
+    alternating order, on the same batches, makes each round's ratio compare like with like. A step here is
+    what `Trainer.train()` does per optimizer step: `training_step` (forward, backward; DoGraph's clustering
+    and weighted gradient), gradient clipping, optimizer and scheduler step, zero_grad."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import copy
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    from hf_dograph import DoGraphConfig, DoGraphTrainer
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    n_layer, n_embd = MODELS[spec["model"]]
+    batch, seq = spec["batch"], spec["seq"]
+    rounds = spec["warmup"] + spec["steps"]
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=seq, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64),
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base_model = GPT2LMHeadModel(cfg)
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(rounds):
+        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
+        batches.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+    common = dict(output_dir=f"/tmp/step_cost_{os.getpid()}", per_device_train_batch_size=batch, report_to=[],
+                  save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0, use_cpu=(device == "cpu"),
+                  bf16=spec.get("bf16", False))
+    trainers = {
+        "plain": Trainer(model=copy.deepcopy(base_model), args=TrainingArguments(**common)),
+        "factored": DoGraphTrainer(model=copy.deepcopy(base_model), args=DoGraphConfig(
+            **common, grad_engine="factored", projection_dim=spec["projection_dim"])),
+    }
+    del base_model
+    for t in trainers.values():
+        t.create_optimizer_and_scheduler(num_training_steps=rounds)
+        t.current_gradient_accumulation_steps = 1
+
+    def cpu_now() -> float:
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
+
+    def step(t, b) -> tuple[float, float]:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        w0, c0 = time.perf_counter(), cpu_now()
+        t.training_step(t.model, {k: v.to(t.args.device) for k, v in b.items()})
+        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.args.max_grad_norm)
+        t.optimizer.step()
+        t.lr_scheduler.step()
+        t.model.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - w0, cpu_now() - c0
+
+    wall = {k: [] for k in trainers}
+    cpu = {k: [] for k in trainers}
+    for r, b in enumerate(batches):
+        for name in (("plain", "factored") if r % 2 == 0 else ("factored", "plain")):
+            w, c = step(trainers[name], b)
+            wall[name].append(w)
+            cpu[name].append(c)
+    k = spec["warmup"]
+    ratio = [f / p for f, p in zip(wall["factored"][k:], wall["plain"][k:])]
+    cpu_ratio = [f / p for f, p in zip(cpu["factored"][k:], cpu["plain"][k:])]
+    return dict(spec, wall=wall, cpu=cpu, plain_s=statistics.median(wall["plain"][k:]),
+                factored_s=statistics.median(wall["factored"][k:]), ratio=statistics.median(ratio),
+                cpu_ratio=statistics.median(cpu_ratio), ratios=ratio)
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def _spawn(spec: dict, timeout: float) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
+    t0 = time.time()
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(spec, error=f"timeout after {timeout:.0f}s")
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode != 0 or not lines:
+        return dict(spec, error=(res.stderr.strip().splitlines() or ["?"])[-1][:200])
+    out = json.loads(lines[-1][len("RESULT "):])
+    out["wall_s"] = time.time() - t0
+    return out
+
+
+def _fmt_table(results: list[dict], paired: list[dict], device: str) -> str:
+    """Markdown table: one row per (model, B, trainer)."""
+    plain = {(r["model"], r["batch"]): r for r in results if r["trainer"] == "plain" and "error" not in r}
+    pair = {(r["model"], r["batch"]): r for r in paired if "error" not in r}
+    mem = "peak GPU MB" if device == "cuda" else "peak RSS MB"
+    head = ("| model | B | trainer | step s | × plain (paired) | CPU × plain (paired) | own-run step s | "
+            f"{mem} | × plain |\n|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    rows = [head]
+    name = {"plain": "Trainer", "opacus": "DoGraph-opacus", "factored": "DoGraph-factored"}
+    for r in results:
+        key = (r["model"], r["batch"])
+        if "error" in r:
+            rows.append(f"| {r['model']} | {r['batch']} | {name[r['trainer']]} | ({r['error']}) | | | | | |")
+            continue
+        p, pr = plain.get(key), pair.get(key)
+        m_ratio = f"{r['peak_mb'] / p['peak_mb']:.2f}" if p else "—"
+        if r["trainer"] == "plain" and pr:
+            step, t_ratio, c_ratio = f"{pr['plain_s']:.2f}", "1.00", "1.00"
+        elif r["trainer"] == "factored" and pr:
+            step, t_ratio, c_ratio = f"{pr['factored_s']:.2f}", f"{pr['ratio']:.2f}", f"{pr['cpu_ratio']:.2f}"
+        else:  # opacus: its own run only (tens of times the others' step: not worth pairing)
+            step = f"{r['step_s']:.1f}"
+            t_ratio = "—"
+            c_ratio = f"{r['cpu_s'] / p['cpu_s']:.0f} (own runs)" if p else "—"
+        rows.append(f"| {r['model']} | {r['batch']} | {name[r['trainer']]} | {step} | {t_ratio} | {c_ratio} | "
+                    f"{r['step_s']:.2f} | {r['peak_mb']:.0f} | {m_ratio} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--quick", action="store_true", help="4x256, B = 8/16, opacus at B = 8 only")
+    ap.add_argument("--models", default="4x256,6x512")
+    ap.add_argument("--batch-sizes", default="8,16,32")
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--trainers", default="plain,opacus,factored")
+    ap.add_argument("--opacus-models", default="4x256", help="models on which the opacus engine runs")
+    ap.add_argument("--opacus-batch-sizes", default="8,16", help="batch sizes for opacus")
+    ap.add_argument("--rounds", type=int, default=3, help="measured rounds of the paired timing (median)")
+    ap.add_argument("--projection-dim", type=int, default=1024)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each point (0: torch's default)")
+    ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--json", help="also write all results to this JSON file")
+    a = ap.parse_args(argv)
+    if a.worker:
+        spec = json.loads(a.worker)
+        fn = run_paired if spec.get("paired") else run_point
+        print("RESULT " + json.dumps(fn(spec)), flush=True)
+        return
+    if a.quick:
+        a.models, a.batch_sizes, a.opacus_batch_sizes = "4x256", "8,16", "8"
+    models = a.models.split(",")
+    batches = [int(b) for b in a.batch_sizes.split(",")]
+    op_batches = [int(b) for b in a.opacus_batch_sizes.split(",")]
+    trainers = a.trainers.split(",")
+    results, paired = [], []
+    t_start = time.time()
+    load0 = os.getloadavg()
+
+    def log(r, what):
+        if "error" in r:
+            msg = r["error"]
+        elif "ratio" in r:
+            msg = (f"plain {r['plain_s']:.2f} s, factored {r['factored_s']:.2f} s: × {r['ratio']:.2f} wall, "
+                   f"× {r['cpu_ratio']:.2f} CPU")
+        else:
+            msg = f"{r['step_s']:.2f} s/step ({r['cpu_s']:.2f} CPU s), peak {r['peak_mb']:.0f} MB"
+        print(f"[{time.time() - t_start:6.0f}s] {r['model']} B={r['batch']} {what}: {msg}", file=sys.stderr, flush=True)
+
+    common = dict(seq=a.seq, device=a.device, bf16=a.bf16, threads=a.threads, projection_dim=a.projection_dim)
+    for model in models:
+        for b in batches:
+            # Peak memory: each trainer in a fresh process, one step (optimizer state allocated beforehand).
+            for kind in trainers:
+                if kind == "opacus" and (model not in a.opacus_models.split(",") or b not in op_batches):
+                    continue
+                opacus = kind == "opacus"
+                spec = dict(common, model=model, batch=b, trainer=kind, warmup=0, steps=1)
+                results.append(_spawn(spec, a.timeout))
+                log(results[-1], kind)
+            # Step time: plain and factored alternating in one process.
+            if "plain" in trainers and "factored" in trainers:
+                spec = dict(common, model=model, batch=b, paired=True, warmup=1, steps=a.rounds)
+                paired.append(_spawn(spec, a.timeout))
+                log(paired[-1], "paired timing")
+    load1 = os.getloadavg()
+    import torch
+
+    print(f"\nCommand: python benchmarks/step_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    print(f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"threads={a.threads or torch.get_num_threads()}, device={a.device}, seq={a.seq}, "
+          f"projection_dim={a.projection_dim}; total {time.time() - t_start:.0f} s; "
+          f"load average {load0[0]:.1f} at start, {load1[0]:.1f} at end")
+    print(_fmt_table(results, paired, a.device))
+    eng = next((r.get("engine") for r in results if r.get("engine")), None)
+    if eng:
+        print(f"factored engine: {eng}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"points": results, "paired": paired}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,335 @@
+"""The fast engine (`grad_engine="factored"`): per-sample gradient sketches without per-sample gradients.
+
+Per layer type (see `layers/`):
+
+* **linear maps** (`nn.Linear`, HF `Conv1D`) and **embeddings**: the weight's per-sample gradient
+  G_i ∈ R^{r×c} is never formed. Its sketch is S_i = P_r G_i P_cᵀ ∈ R^{f×f}, built from f-dimensional
+  projections of the output gradients δ and inputs a (for embeddings, a column of P_r per token id):
+  METHOD.md's factored sketch. Autograd never computes dW either: the backward returns the input gradient
+  only and keeps δ and a, and `accumulate_weighted_gradient` forms dW = δᵀ(α ⊙ a) once α is known — the
+  same single matmul the plain backward would have done. One forward, one backward.
+* **small parameters** (biases, LayerNorm/RMSNorm weights, any layer without a handler): exact per-sample
+  gradients (B × numel), closed form where known, `torch.func` otherwise (the reference path).
+
+**Combining the blocks (ours).** METHOD.md concatenates the layers' sketches. With a budget of k = 1024
+split over ~20–100 weights, each layer would get only a few × a few dimensions, and a Kronecker-structured
+projection that small is a poor JL map. Instead every weight keeps an f_r × f_c factored sketch (f =
+`factor_dim` = 32 per axis by default; an axis no longer than f, or the short axis of a lopsided weight such
+as the hidden axis of `lm_head`/`wte`, is kept exact: see `WeightSlot`), small parameters keep their exact
+gradients, and the concatenation s_i of all these blocks (dimension D₂, a few 10⁴) is hashed into k
+dimensions with a CountSketch C (bucket h(j), sign σ(j), both seeded): z_i = C s_i. C is a norm-preserving random projection too (E‖Cs‖² = ‖s‖², and the
+variance of ⟨Cs, Ct⟩ is at most that of a dense N(0, 1/k) projection of the same k), it costs O(B·D₂) and
+needs no k × D₂ matrix. So z_i = C·[S_i^(1); …; g_i^(small)] has exactly `projection_dim` entries and
+E‖z_i‖² = ‖g_i‖².
+
+Everything random is a pure function of (seed, parameter index): the same seed gives the same sketch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+import torch
+from torch import nn
+
+from .base import GradEngine, UnsupportedLayerError, register_engine
+from .layers import GenericHandler, SketchSink, WeightSlot, handler_for
+from .layers.base import add_to_grad
+from .layers.generic import is_norm_layer
+from .opacus_engine import _unsupported_layers
+from .projection import _block_seed
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FACTOR_DIM = 32
+_STREAM_OFFSET = 1 << 20  # keeps this engine's random streams apart from the reference engine's
+
+
+def _oversubscribed() -> bool:
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except (OSError, AttributeError):  # no load average on this platform
+        return False
+
+
+@contextlib.contextmanager
+def _intra_op_threads(n: int | None):
+    """Temporarily limit torch's intra-op CPU threads to n (None: leave them alone)."""
+    old = torch.get_num_threads()
+    if not n or n >= old:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@register_engine
+class FactoredEngine(GradEngine):
+    """Factored per-sample gradient sketches and the deferred, exact weighted gradient.
+
+    Args:
+        model: the model whose trainable parameters are sketched and reweighted.
+        projection_dim: k, the sketch dimension returned by `sketches()`.
+        seed: seed of every random projection (fixed for the run).
+        factor_dim: f, the per-axis dimension of each weight's factored sketch (f × f per weight); axes no
+            longer than f are kept exactly. Larger f: better inner-product estimates, more sketch cost
+            (≈ 2·B·T·(rows + cols)·f flops per weight per step).
+        cpu_sketch_threads: intra-op threads for the sketch's small ops on CPU: an int, None (torch's
+            setting) or "auto" (default): 1 while the machine is oversubscribed (1-minute load average above
+            the number of cores), torch's setting otherwise. The sketch is ~100 small, skinny ops (f = 32
+            output columns); on a CPU shared with other work each multi-threaded op waits for all its
+            threads to be scheduled. Measured, GPT-2 4×256 on 2 cores: busy machine, B = 8: 0.89 s with 2
+            threads, 0.13 s with 1; idle machine, B = 32: 0.28 s with 2, 0.54 s with 1. The weighted
+            gradient's matmuls (big, like the plain dW) always keep torch's setting. No effect on GPU.
+    """
+
+    name = "factored"
+
+    def __init__(self, model: nn.Module, *, projection_dim: int, seed: int, factor_dim: int = DEFAULT_FACTOR_DIM,
+                 cpu_sketch_threads: int | str | None = "auto"):
+        super().__init__(model, projection_dim=projection_dim, seed=seed)
+        if factor_dim < 1:
+            raise ValueError(f"factor_dim={factor_dim} must be >= 1")
+        self.factor_dim = int(factor_dim)
+        self.cpu_sketch_threads = cpu_sketch_threads
+        self.recording = False  # inside capturing(): patched layers record
+        self.replaying = False  # re-running modules for exact per-sample grads: nobody records
+        self._index = {id(p): i for i, (_, p) in enumerate(self.params)}
+        self._names = {id(p): n for n, p in self.params}
+
+        self.handlers = []
+        self.fallbacks: list[str] = []
+        bad = []
+        owner_kind: dict[int, tuple[str, str]] = {}  # id(param) → ("factored"/"exact", module name)
+        for mname, module in model.named_modules():
+            if not any(p.requires_grad for p in module.parameters(recurse=False)):
+                continue
+            cls = handler_for(module)
+            if cls is None:
+                if any(True for _ in module.buffers(recurse=False)):
+                    bad.append(f"{mname or '<root>'} ({type(module).__name__})")
+                    continue
+                cls = GenericHandler
+                if not is_norm_layer(module):
+                    self.fallbacks.append(f"{mname or '<root>'} ({type(module).__name__})")
+            h = cls(mname, module, self)
+            self.handlers.append(h)
+            for kind, plist in (("factored", h.factored_params()), ("exact", h.exact_params())):
+                for p in plist:
+                    prev = owner_kind.setdefault(id(p), (kind, mname))
+                    if prev[0] != kind:
+                        raise UnsupportedLayerError(
+                            f"parameter {self._names.get(id(p), '?')!r} is shared by {prev[1]!r} and {mname!r}, "
+                            "which the factored engine handles in different ways; use grad_engine='opacus'."
+                        )
+        if bad:
+            raise UnsupportedLayerError(
+                "DoGraph cannot compute per-sample gradients for these trainable layers, which keep running "
+                f"statistics in buffers: {', '.join(bad)}. Freeze them (requires_grad=False) or replace them "
+                "(e.g. BatchNorm → LayerNorm/GroupNorm)."
+            )
+        # Every trainable parameter must belong to a module we watch (named_modules covers all owners).
+        missing = [n for n, p in self.params if id(p) not in owner_kind]
+        if missing:  # pragma: no cover - only if a handler declares fewer params than it owns
+            raise UnsupportedLayerError(f"no handler covers parameters: {', '.join(missing)}")
+        self._kind = {k: v[0] for k, v in owner_kind.items()}
+        # Parameters whose gradient autograd must not compute while capturing (the handlers form it).
+        self._deferred = {id(p) for h in self.handlers for p in h.deferred_params()}
+
+        self.slots: dict[int, WeightSlot] = {}
+        for h in self.handlers:
+            for p in h.factored_params():
+                if id(p) not in self.slots:
+                    self.slots[id(p)] = WeightSlot(
+                        self._names[id(p)], p, index=_STREAM_OFFSET + self._index[id(p)],
+                        factor_dim=self.factor_dim, seed=self.seed,
+                    )
+        # The CountSketch from the blocks (in parameter order) into k dimensions.
+        self._block_sizes = [
+            self.slots[id(p)].sketch_numel if id(p) in self.slots else p.numel() for _, p in self.params
+        ]
+        self._hash_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._validated = False
+        self._z: torch.Tensor | None = None
+        self._finite: torch.Tensor | None = None
+        self._exact: dict[int, torch.Tensor] = {}
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def sketch_input_dim(self) -> int:
+        """D₂: the total size of the per-sample blocks hashed into `projection_dim`."""
+        return sum(self._block_sizes)
+
+    def slot(self, param: nn.Parameter) -> WeightSlot:
+        return self.slots[id(param)]
+
+    def small_ops(self, device: torch.device):
+        """Context for the engine's small, memory-bound ops (projections, scalings): see `cpu_sketch_threads`."""
+        n = self.cpu_sketch_threads if device.type == "cpu" else None
+        if n == "auto":
+            n = 1 if _oversubscribed() else None
+        return _intra_op_threads(n)
+
+    def describe(self) -> dict:
+        """Which parameters take which path (for logs, tests and the benchmark)."""
+        return {
+            "factored": [self._names[k] for k in self.slots],
+            "exact": [n for n, p in self.params if self._kind[id(p)] == "exact"],
+            "fallback_modules": list(self.fallbacks),
+            "sketch_input_dim": self.sketch_input_dim,
+            "projection_dim": self.projection_dim,
+            "factor_dim": self.factor_dim,
+        }
+
+    def log_lines(self) -> list[str]:
+        if not self.fallbacks:
+            return []
+        return [
+            "grad_engine='factored': no factored sketch for these trainable layers; their per-sample gradients "
+            f"are materialized exactly (the reference path, B × their parameters): {', '.join(self.fallbacks)}."
+        ]
+
+    # -- lifetime -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def capturing(self):
+        self.clear()
+        installed = []
+        try:
+            for h in self.handlers:
+                h.install()
+                installed.append(h)
+            self.recording = True
+            yield
+        finally:
+            self.recording = False
+            for h in installed:
+                h.remove()
+
+    # -- one micro-batch ------------------------------------------------------------------------
+    def backward(self, losses: torch.Tensor) -> None:
+        batch = losses.shape[0]
+        saved = [p.grad for _, p in self.params]
+        for _, p in self.params:
+            p.grad = None
+        try:
+            losses.sum().backward()
+            autograd_sums = {id(p): p.grad for _, p in self.params}
+        finally:
+            # Whatever autograd wrote (the unweighted Σ g_i of the exact-path parameters) is not the step's
+            # gradient: put back what was there.
+            for (_, p), g in zip(self.params, saved):
+                p.grad = g
+        for n, p in self.params:
+            if id(p) in self._deferred and autograd_sums[id(p)] is not None:
+                raise UnsupportedLayerError(
+                    f"parameter {n!r} received a gradient outside the calls of the layer that owns it "
+                    "(it is used directly in some other forward, e.g. by nn.MultiheadAttention): the factored "
+                    "engine cannot see that use. Use grad_engine='opacus' for this model."
+                )
+
+        with self.small_ops(losses.device):
+            self._sketch(batch, losses.device, autograd_sums)
+
+    def _sketch(self, batch: int, device: torch.device, autograd_sums: dict) -> None:
+        sink = SketchSink(batch)
+        self.replaying = True
+        try:
+            for h in self.handlers:
+                try:
+                    h.collect(sink)
+                except ValueError as err:
+                    raise UnsupportedLayerError(str(err)) from err
+        finally:
+            self.replaying = False
+        if not self._validated:
+            self._check_exact_sums(sink, autograd_sums)
+            self._validated = True
+
+        # One CountSketch of the concatenated blocks (a handful of ops, not a few per parameter: on a busy
+        # CPU every multi-threaded op costs a scheduler slice).
+        blocks = []
+        for _, p in self.params:
+            block = sink.factored.get(id(p))
+            if block is None:
+                block = sink.exact.get(id(p))
+            if block is None:  # not used by this batch: its gradient is 0
+                block = torch.zeros(batch, self._block_sizes[len(blocks)], device=device)
+            blocks.append(block.reshape(batch, -1).to(device))
+        flat = torch.cat(blocks, dim=1)
+        bucket, sign = self._hash(device)
+        finite = torch.isfinite(flat).all(dim=1)
+        z = torch.zeros(batch, self.projection_dim, dtype=torch.float32, device=device)
+        z.index_add_(1, bucket, flat.mul_(sign))
+        z[~finite] = 0.0
+        self._z, self._finite, self._exact = z, finite, sink.exact
+
+    def _hash(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """CountSketch bucket (D₂,) and sign (D₂,) of every block entry, blocks in parameter order. Each
+        parameter's part is generated from its own (seed, stream): it does not depend on the other blocks."""
+        key = (device.type, device.index)
+        if key not in self._hash_cache:
+            buckets, signs = [], []
+            for i, size in enumerate(self._block_sizes):
+                gen = torch.Generator().manual_seed(_block_seed(self.seed, _STREAM_OFFSET + i, 2))
+                buckets.append(torch.randint(0, self.projection_dim, (size,), generator=gen))
+                signs.append(torch.randint(0, 2, (size,), generator=gen).float().mul_(2).sub_(1))
+            self._hash_cache[key] = (torch.cat(buckets).to(device), torch.cat(signs).to(device))
+        return self._hash_cache[key]
+
+    def _check_exact_sums(self, sink: SketchSink, autograd_sums: dict) -> None:
+        """First step only: the exact per-sample gradients must add up to autograd's gradient. A mismatch
+        means a parameter is used outside the module calls we watch."""
+        for n, p in self.params:
+            if self._kind[id(p)] != "exact" or id(p) in self._deferred:
+                continue
+            ref = autograd_sums[id(p)]
+            mine = sink.exact.get(id(p))
+            total = None if mine is None else mine.sum(dim=0)
+            if ref is None and total is None:
+                continue
+            ref = torch.zeros(p.numel(), device=p.device) if ref is None else ref.detach().float().reshape(-1)
+            total = torch.zeros_like(ref) if total is None else total.to(ref.device)
+            if not (torch.isfinite(ref).all() and torch.isfinite(total).all()):
+                continue
+            scale = float(ref.norm()) + 1e-12
+            if float((ref - total).norm()) > 5e-2 * scale + 1e-6:
+                raise UnsupportedLayerError(
+                    f"parameter {n!r}: its per-sample gradients do not add up to its gradient; it is used outside "
+                    "the forward of the module that owns it. Use grad_engine='opacus' for this model."
+                )
+
+    def sketches(self) -> torch.Tensor:
+        return self._z
+
+    def finite_samples(self) -> torch.Tensor:
+        return self._finite
+
+    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+        keep = alpha != 0
+        coef = torch.where(keep, alpha.double() * scale, torch.zeros((), dtype=torch.float64, device=alpha.device))
+        coef = coef.to(torch.float32).to(self._finite.device)
+        keep = keep.to(self._finite.device)
+        bad = ~keep & ~self._finite
+        # A left-out sample holding inf/NaN must contribute exact zeros (0 · NaN is NaN): handlers zero it.
+        bad = bad if bool(bad.any()) else None
+        for h in self.handlers:
+            h.accumulate(coef, bad)
+        for _, p in self.params:
+            g = self._exact.get(id(p))
+            if g is None:
+                continue
+            if bad is not None:
+                g = g.masked_fill(bad[:, None], 0)
+            add_to_grad(p, coef.to(g.device) @ g)
+
+    def clear(self) -> None:
+        for h in self.handlers:
+            h.clear()
+        self._z = None
+        self._finite = None
+        self._exact = {}

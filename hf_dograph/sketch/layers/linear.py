@@ -1,0 +1,162 @@
+"""Linear maps (`nn.Linear`, HF `Conv1D`): factored sketches from the output gradients and inputs, with the
+weight gradient deferred until α is known.
+
+While capturing, the module's forward runs through `_DeferredLinear`, whose forward is the ordinary op and
+whose backward returns the input gradient δ·W only: autograd never forms dW (the costly half of a linear
+layer's backward). The backward keeps δ (the gradient at the output) and the saved input a. Then
+
+* sketch:   S_i = Σ_t (P_o δ_{i,t})(P_n a_{i,t})ᵀ          (METHOD.md, "factored sketch")
+* bias:     g_i = Σ_t δ_{i,t}, exact, small
+* weighted: dW += Σ_i c_i Σ_t δ_{i,t} a_{i,t}ᵀ = δᵀ (c ⊙ a)  — one matmul, the same cost as the dW that
+  the plain backward would have computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import register_layer
+from .base import (
+    CallRecord,
+    ForwardPatch,
+    LayerHandler,
+    SketchSink,
+    add_to_grad,
+    autocast_dtype,
+    batch_rows,
+    cast,
+    drop_rows,
+    scaled,
+)
+
+try:  # HF's GPT-2 style "Conv1D": y = x @ W + b with W stored (in, out)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency, but keep the engine importable
+    Conv1D = None
+
+
+class _DeferredLinear(torch.autograd.Function):
+    """y = x Wᵀ + b (or x W + b for Conv1D); backward gives the input gradient only and records δ, a."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, record: CallRecord, transposed: bool, keep_input: bool):
+        # Autocast is honoured by hand, the way it treats linear/addmm: inputs cast to its dtype. The casts
+        # are made here (not by autocast inside) so that the tensors saved for backward are known.
+        dt = autocast_dtype(x.device.type)
+        with torch.autocast(x.device.type, enabled=False):
+            xc, wc, bc = cast(x, dt), cast(weight, dt), cast(bias, dt)
+            if transposed:
+                flat = xc.reshape(-1, xc.shape[-1])
+                y = torch.addmm(bc, flat, wc) if bc is not None else flat @ wc
+                y = y.view(*xc.shape[:-1], wc.shape[1])
+            else:
+                y = F.linear(xc, wc, bc)
+        ctx.save_for_backward(xc if keep_input else None, wc)
+        ctx.record = record
+        ctx.transposed = transposed
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, wc = ctx.saved_tensors
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = (gy @ (wc.T if ctx.transposed else wc)).to(ctx.x_dtype)
+        rec = ctx.record
+        rec.tensors["delta"] = gy
+        if xc is not None:  # read here, not at forward time: activation checkpointing may have recomputed it
+            rec.tensors["input"] = xc
+        rec.done = True
+        return gx, None, None, None, None, None
+
+
+def _is_plain(module: nn.Module, cls: type) -> bool:
+    # A subclass that overrides forward may compute something else: leave it to the exact fallback.
+    return isinstance(module, cls) and type(module).forward is cls.forward
+
+
+@register_layer
+class LinearHandler(LayerHandler):
+    """`nn.Linear` (weight (out, in)) and HF `Conv1D` (weight (in, out))."""
+
+    kind = "linear"
+
+    @classmethod
+    def supports(cls, module: nn.Module) -> bool:
+        return _is_plain(module, nn.Linear) or (Conv1D is not None and _is_plain(module, Conv1D))
+
+    def __init__(self, name, module, engine):
+        super().__init__(name, module, engine)
+        self.transposed = not isinstance(module, nn.Linear)
+        w, b = module.weight, module.bias
+        self.weight = w if w.requires_grad else None
+        self.bias = b if b is not None and b.requires_grad else None
+        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
+        self._patch = ForwardPatch(module, self._forward)
+
+    def factored_params(self):
+        return [self.weight] if self.weight is not None else []
+
+    def exact_params(self):
+        return [self.bias] if self.bias is not None else []
+
+    def deferred_params(self):
+        return self.factored_params() + self.exact_params()
+
+    def install(self):
+        self._patch.install()
+
+    def remove(self):
+        self._patch.remove()
+
+    def _forward(self, input, *args, **kwargs):
+        if args or kwargs or not self.engine.recording or self.engine.replaying or not torch.is_grad_enabled():
+            return self._patch.original(input, *args, **kwargs)
+        rec = CallRecord()
+        self.records.append(rec)
+        m = self.module
+        return _DeferredLinear.apply(input, m.weight, m.bias, rec, self.transposed, self.weight is not None)
+
+    # ------------------------------------------------------------------ after the backward
+    def _rows(self, rec: CallRecord, batch: int):
+        what = f"{self.name} ({type(self.module).__name__})"
+        d = batch_rows(rec.tensors["delta"], batch, self.out_features, what)
+        a = rec.tensors.get("input")
+        a = batch_rows(a, batch, self.in_features, what) if a is not None else None
+        return d, a
+
+    def collect(self, sink: SketchSink) -> None:
+        for rec in self.done_records():
+            d, a = self._rows(rec, sink.batch)
+            if self.weight is not None:
+                slot = self.engine.slot(self.weight)
+                # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
+                left, right = (a, d) if self.transposed else (d, a)
+                u = slot.project(left, 0).float()
+                v = slot.project(right.to(left.dtype), 1).float()
+                sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
+            if self.bias is not None:
+                sink.add_exact(self.bias, d.sum(dim=1, dtype=torch.float32))
+
+    def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
+        if self.weight is None:
+            return
+        for rec in self.done_records():
+            d, a = self._rows(rec, coef.shape[0])
+            with self.engine.small_ops(d.device):
+                a = a.to(d.dtype)
+                # Scale whichever side is narrower: the temporary is then the smaller of the two.
+                if a.shape[-1] <= d.shape[-1]:
+                    a, d = scaled(a, coef, bad), drop_rows(d, bad, in_place=True)
+                else:
+                    d, a = scaled(d, coef, bad), drop_rows(a, bad, in_place=False)
+            d2, a2 = d.reshape(-1, d.shape[-1]), a.reshape(-1, a.shape[-1])
+            left, right = (a2.T, d2) if self.transposed else (d2.T, a2)
+            g = self.weight.grad
+            if g is not None and g.dtype == left.dtype and g.is_contiguous():
+                g.addmm_(left, right)  # in place: no (out × in) temporary
+            else:
+                add_to_grad(self.weight, left @ right)
