@@ -15,13 +15,11 @@ def causal_lm_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> tup
     Computed in float32 whatever the logits' dtype, as HF's own loss does. A sequence with no label token
     gets loss 0 (and so a zero gradient).
     """
-    shift_logits = logits[:, :-1, :].float()
-    shift_labels = labels[:, 1:].to(shift_logits.device)
+    # Shift the labels, not the logits: slicing the (B, T, V) logits would copy them forward and backward.
+    labels = labels.to(logits.device)
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
+        logits.float().flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
     ).view(shift_labels.shape)
     counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
     return token_loss.sum(dim=1) / counts.clamp(min=1), counts

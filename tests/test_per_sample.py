@@ -57,3 +57,22 @@ def test_sketches_are_projections_of_the_per_sample_gradients():
     # JL: inner products are preserved up to ε·‖g_i‖‖g_j‖, ε ≈ 3·sqrt(2/k) ≈ 0.094 at k = 2048.
     norms = g.norm(dim=1)
     assert ((gram_sketch - gram_true).abs() / torch.outer(norms, norms)).max() < 0.1
+
+
+def test_padding_row_of_an_embedding_gets_no_per_sample_gradient():
+    """As autograd: nn.Embedding(padding_idx=...) never gives its padding row a gradient."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()  # pad_token_id = 0 → embed_tokens.padding_idx = 0
+    assert model.model.embed_tokens.padding_idx == 0
+    batch = make_batch(batch=4)
+    batch["input_ids"][:, -2:] = 0  # padding tokens in the input
+    engine = OpacusEngine(model, projection_dim=16, seed=0)
+    with engine.capturing():
+        engine.backward(forward_losses(model, batch))
+    gs = engine.per_sample_gradients()["model.embed_tokens.weight"]
+    model.zero_grad(set_to_none=True)
+    forward_losses(model, batch).sum().backward()
+    assert (gs[:, 0] == 0).all()
+    assert torch.allclose(gs.sum(0), model.model.embed_tokens.weight.grad, rtol=1e-5, atol=1e-6)
+    engine.detach()

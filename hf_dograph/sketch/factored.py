@@ -17,9 +17,9 @@ projection that small is a poor JL map. Instead every weight keeps an f_r × f_c
 `factor_dim` = 32 per axis by default; an axis no longer than f, or the short axis of a lopsided weight such
 as the hidden axis of `lm_head`/`wte`, is kept exact: see `WeightSlot`), small parameters keep their exact
 gradients, and the concatenation s_i of all these blocks (dimension D₂, a few 10⁴) is hashed into k
-dimensions with a CountSketch C (bucket h(j), sign σ(j), both seeded): z_i = C s_i. C is a norm-preserving random projection too (E‖Cs‖² = ‖s‖², and the
-variance of ⟨Cs, Ct⟩ is at most that of a dense N(0, 1/k) projection of the same k), it costs O(B·D₂) and
-needs no k × D₂ matrix. So z_i = C·[S_i^(1); …; g_i^(small)] has exactly `projection_dim` entries and
+dimensions with a CountSketch C (bucket h(j), sign σ(j), both seeded): z_i = C s_i. C is a norm-preserving
+random projection too (E‖Cs‖² = ‖s‖², and the variance of ⟨Cs, Ct⟩ is at most that of a dense N(0, 1/k)
+projection of the same k), it costs O(B·D₂) and needs no k × D₂ matrix. So z_i = C·[S_i^(1); …; g_i^(small)] has exactly `projection_dim` entries and
 E‖z_i‖² = ‖g_i‖².
 
 Everything random is a pure function of (seed, parameter index): the same seed gives the same sketch.

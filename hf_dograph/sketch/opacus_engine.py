@@ -56,6 +56,12 @@ class OpacusEngine(GradEngine):
             BlockGaussianProjection(p.numel(), self.projection_dim, seed=self.seed, stream=i)
             for i, (_, p) in enumerate(self.params)
         ]
+        # Opacus' embedding sampler ignores padding_idx; autograd gives that row no gradient. Remember the rows.
+        self._padding_rows = {
+            id(m.weight): m.padding_idx
+            for m in model.modules()
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad
+        }
         self._hooks = None
         self._per_sample: list[torch.Tensor] | None = None
         self._finite: torch.Tensor | None = None
@@ -115,8 +121,14 @@ class OpacusEngine(GradEngine):
                     "Opacus can hook (e.g. a bare nn.Parameter used in a custom forward). Freeze it, or wrap "
                     "its use in an nn.Module."
                 )
+            pad = self._padding_rows.get(id(p))
             if isinstance(gs, list):  # tied weights (GPT-2 wte = lm_head): one entry per using module
+                if pad is not None:
+                    # Hooks fire in backward order, so the embedding (first in the forward) comes last.
+                    gs[-1][:, pad] = 0
                 gs = torch.stack(gs).sum(0)
+            elif pad is not None:
+                gs[:, pad] = 0
             if gs.shape[0] != batch:
                 raise UnsupportedLayerError(
                     f"parameter {name!r} got a per-sample gradient for {gs.shape[0]} samples instead of "

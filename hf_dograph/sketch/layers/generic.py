@@ -87,7 +87,8 @@ class GenericHandler(HookedHandler):
         for rec in self.done_records():
             leaves, spec = tree_flatten((rec.tensors["args"], rec.tensors["kwargs"]))
             # Inputs with the batch as first dimension are split per sample; anything else is shared.
-            bidx = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch]
+            bidx = [i for i, x in enumerate(leaves)
+                    if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch]
             deltas = rec.tensors["deltas"]
             dj = [j for j, d in enumerate(deltas) if d is not None]
             for j in dj:

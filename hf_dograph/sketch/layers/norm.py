@@ -22,7 +22,8 @@ class LayerNormHandler(HookedHandler):
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward and module.elementwise_affine
+        return (isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward
+                and module.elementwise_affine)
 
     def collect(self, sink: SketchSink) -> None:
         m = self.module
