@@ -34,7 +34,7 @@ def child(out: Path, repo: str, cli_repo: str | None) -> dict:
     from hf_dograph import DoGraphConfig, DoGraphTrainer
     from hf_dograph.data import DomainCollator, load_tokenizer
     from hf_dograph.evaluation import evaluate_per_domain
-    from hf_dograph.hub import push_output_dir, resolve_checkpoint, resolve_model
+    from hf_dograph.hub import resolve_checkpoint, resolve_model
     from tiny_models import make_batch, rows_from_batch, tiny_gpt2
 
     tokenizer = load_tokenizer("bytes")  # 259 tokens, built locally
@@ -92,8 +92,11 @@ def child(out: Path, repo: str, cli_repo: str | None) -> dict:
         "resumed_history_head": resumed.dograph_history[:2],
         "trained_history": trainer.dograph_history,
     }
-    if cli_repo:
-        push_output_dir(out, cli_repo, token="hf_loopback_not_a_real_token", private=True)
+    if cli_repo:  # the command line, as a user types it: hf-dograph push OUT --repo-id ... --private
+        from hf_dograph.cli import main as cli_main
+
+        code = cli_main(["push", str(out), "--repo-id", cli_repo, "--private", "--token", "hf_loopback_not_a_real_token"])
+        assert code in (0, None), code
         local = Path(resolve_model(cli_repo))
         result["cli_files"] = sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file())
     return result
