@@ -186,6 +186,34 @@ class LayerHandler:
         self.records = []
 
 
+class DeferredHandler(LayerHandler):
+    """A handler that, while installed, swaps its module's `forward` for a custom autograd Function which
+    records the call and defers the weight gradient (linear maps, embeddings). Subclasses give that call in
+    `_deferred_forward`."""
+
+    def __init__(self, name: str, module: nn.Module, engine: FactoredEngine):
+        super().__init__(name, module, engine)
+        self._patch = ForwardPatch(module, self._forward)
+
+    def install(self) -> None:
+        self._patch.install()
+
+    def remove(self) -> None:
+        self._patch.remove()
+
+    def _forward(self, input, *args, **kwargs):
+        # Outside a recorded training forward (extra arguments, evaluation, a replay, no grad) the module's
+        # own forward runs unchanged.
+        if args or kwargs or not self.engine.recording or self.engine.replaying or not torch.is_grad_enabled():
+            return self._patch.original(input, *args, **kwargs)
+        rec = CallRecord()
+        self.records.append(rec)
+        return self._deferred_forward(input, rec)
+
+    def _deferred_forward(self, input: torch.Tensor, rec: CallRecord) -> torch.Tensor:
+        raise NotImplementedError
+
+
 class ForwardPatch:
     """Replaces one module instance's `forward` while installed (names and types stay unchanged)."""
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import register_layer
-from .base import CallRecord, ForwardPatch, LayerHandler, SketchSink, batch_rows, scaled
+from .base import CallRecord, DeferredHandler, SketchSink, batch_rows, scaled
 
 
 class _DeferredEmbedding(torch.autograd.Function):
@@ -33,7 +33,7 @@ class _DeferredEmbedding(torch.autograd.Function):
 
 
 @register_layer
-class EmbeddingHandler(LayerHandler):
+class EmbeddingHandler(DeferredHandler):
     """Plain `nn.Embedding` (no max_norm, not sparse, no scale_grad_by_freq; padding_idx is honoured)."""
 
     kind = "embedding"
@@ -53,22 +53,11 @@ class EmbeddingHandler(LayerHandler):
         super().__init__(name, module, engine)
         self.weight = module.weight
         self.num, self.dim = module.weight.shape
-        self._patch = ForwardPatch(module, self._forward)
 
     def factored_params(self):
         return [self.weight]
 
-    def install(self):
-        self._patch.install()
-
-    def remove(self):
-        self._patch.remove()
-
-    def _forward(self, input, *args, **kwargs):
-        if args or kwargs or not self.engine.recording or self.engine.replaying or not torch.is_grad_enabled():
-            return self._patch.original(input, *args, **kwargs)
-        rec = CallRecord()
-        self.records.append(rec)
+    def _deferred_forward(self, input, rec):
         return _DeferredEmbedding.apply(input, self.module.weight, rec, self.module.padding_idx)
 
     def _rows(self, rec: CallRecord, batch: int):

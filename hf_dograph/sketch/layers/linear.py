@@ -20,8 +20,7 @@ from torch import nn
 from . import register_layer
 from .base import (
     CallRecord,
-    ForwardPatch,
-    LayerHandler,
+    DeferredHandler,
     SketchSink,
     add_to_grad,
     autocast_dtype,
@@ -79,7 +78,7 @@ def _is_plain(module: nn.Module, cls: type) -> bool:
 
 
 @register_layer
-class LinearHandler(LayerHandler):
+class LinearHandler(DeferredHandler):
     """`nn.Linear` (weight (out, in)) and HF `Conv1D` (weight (in, out))."""
 
     kind = "linear"
@@ -95,7 +94,6 @@ class LinearHandler(LayerHandler):
         self.weight = w if w.requires_grad else None
         self.bias = b if b is not None and b.requires_grad else None
         self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.transposed else (w.shape[1], w.shape[0])
-        self._patch = ForwardPatch(module, self._forward)
 
     def factored_params(self):
         return [self.weight] if self.weight is not None else []
@@ -106,17 +104,7 @@ class LinearHandler(LayerHandler):
     def deferred_params(self):
         return self.factored_params() + self.exact_params()
 
-    def install(self):
-        self._patch.install()
-
-    def remove(self):
-        self._patch.remove()
-
-    def _forward(self, input, *args, **kwargs):
-        if args or kwargs or not self.engine.recording or self.engine.replaying or not torch.is_grad_enabled():
-            return self._patch.original(input, *args, **kwargs)
-        rec = CallRecord()
-        self.records.append(rec)
+    def _deferred_forward(self, input, rec):
         m = self.module
         return _DeferredLinear.apply(input, m.weight, m.bias, rec, self.transposed, self.weight is not None)
 
