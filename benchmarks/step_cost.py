@@ -48,26 +48,33 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _model_for(spec: dict):
+    """The GPT-2 of `spec` (weights from seed 0, dropout 0), built after applying its thread setting."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    n_layer, n_embd = MODELS[spec["model"]]
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=spec["seq"], n_embd=n_embd, n_layer=n_layer,
+                     n_head=max(1, n_embd // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2LMHeadModel(cfg)
+
+
 def run_point(spec: dict) -> dict:
     """One (model, batch, trainer) point, in this process. Returns times and memory."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     from datasets import Dataset
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from hf_dograph import DoGraphConfig, DoGraphTrainer
 
     device = spec["device"]
-    n_layer, n_embd = MODELS[spec["model"]]
     batch, seq = spec["batch"], spec["seq"]
     steps = spec["warmup"] + spec["steps"]
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=seq, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64),
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg)
+    model = _model_for(spec)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (steps * batch, seq), generator=g)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(),
@@ -144,20 +151,14 @@ def run_paired(spec: dict) -> dict:
     import copy
 
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+    from transformers import Trainer, TrainingArguments
 
     from hf_dograph import DoGraphConfig, DoGraphTrainer
 
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    n_layer, n_embd = MODELS[spec["model"]]
     batch, seq = spec["batch"], spec["seq"]
     rounds = spec["warmup"] + spec["steps"]
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=seq, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 64),
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    base_model = GPT2LMHeadModel(cfg)
+    base_model = _model_for(spec)
     g = torch.Generator().manual_seed(1)
     batches = []
     for _ in range(rounds):
