@@ -224,7 +224,10 @@ def cmd_train(ns) -> int:
     output_dir = Path(ns.output_dir) if ns.output_dir else default_output_dir(recipe, ns.smoke)
     if ns.compare_uniform and recipe.trainer != "dograph":
         raise RecipeError(f"--compare-uniform needs a DoGraph recipe; {recipe.name!r} is already uniform")
+    from .distributed import shutdown
+
     run_train(recipe, output_dir, compare_uniform=ns.compare_uniform, resume_from_checkpoint=ns.resume_from_checkpoint)
+    shutdown()  # under torchrun/accelerate: every rank leaves together
     return 0
 
 

@@ -78,3 +78,15 @@ def no_sync(model):
     """DDP's `no_sync` for a DDP-wrapped model, a null context otherwise."""
     fn = getattr(model, "no_sync", None)
     return fn() if callable(fn) and is_distributed() else contextlib.nullcontext()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then tear the process group down.
+
+    A rank that leaves while another is still writing its checkpoint can abort in gloo's teardown
+    ("terminate called without an active exception"), and the launcher then kills the writer. Ending with a
+    barrier and an explicit `destroy_process_group` makes every rank leave together and cleanly.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

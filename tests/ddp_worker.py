@@ -12,6 +12,7 @@ import torch
 from datasets import Dataset
 
 from hf_dograph import DoGraphConfig, DoGraphTrainer
+from hf_dograph.distributed import shutdown
 from hf_dograph.sketch import ENGINES
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -55,3 +56,4 @@ if __name__ == "__main__":
     for cfg in spec["configs"]:
         if cfg["engine"] in ENGINES:
             run(out, cfg["engine"], cfg["accumulation"], cfg["uneven"], spec.get("fail_rank"))
+    shutdown()
