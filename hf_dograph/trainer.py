@@ -28,7 +28,7 @@ from .config import DoGraphSettings
 from .distributed import all_reduce_gradients, gather_rows, is_distributed, no_sync
 from .domains import DomainFinder, domain_statistics, normalized_mutual_information
 from .losses import IGNORE_INDEX, causal_lm_per_sample_loss, classification_per_sample_loss
-from .sketch import build_engine
+from .sketch import LossOnlyEngine, build_engine
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +103,7 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         self._metrics: dict[str, list[float]] = defaultdict(list)
         self._nonfinite_since_log = 0
         self._engine = None
+        self._fallback_engine = None
         self._accepts_position_ids: bool | None = None
         self._micro_step = (None, 0)  # (global_step, micro-batch index within it)
 
@@ -129,17 +130,35 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
     # ------------------------------------------------------------------ the engine
     @property
     def grad_engine(self):
-        """The per-sample gradient engine (built on the first training step)."""
+        """The micro-batch's gradient engine (built on the first training step).
+
+        DoGraph needs per-sample gradient sketches: `grad_engine` picks the engine ("factored" or "opacus").
+        The baselines choose α from losses alone and get `LossOnlyEngine`: one ordinary backward of Σ α_i ℓ_i,
+        so they cost what a plain Trainer step costs.
+        """
         if self._engine is None:
-            s = self.dograph_settings
-            self._engine = build_engine(
-                s.grad_engine, self.accelerator.unwrap_model(self.model), projection_dim=s.projection_dim,
-                seed=s.projection_seed,
-            )
-            self._engine.attach()
-            for line in self._engine.log_lines():
-                logger.warning(line)
+            if self.dograph_settings.mixing_strategy == "dograph":
+                self._engine = self._build_per_sample_engine()
+            else:
+                self._engine = LossOnlyEngine(self.accelerator.unwrap_model(self.model))
         return self._engine
+
+    def _build_per_sample_engine(self):
+        s = self.dograph_settings
+        engine = build_engine(
+            s.grad_engine, self.accelerator.unwrap_model(self.model), projection_dim=s.projection_dim,
+            seed=s.projection_seed,
+        )
+        engine.attach()
+        for line in engine.log_lines():
+            logger.warning(line)
+        return engine
+
+    def _per_sample_fallback(self):
+        """A per-sample engine for a baseline micro-batch with a non-finite loss (built once, on first need)."""
+        if self._fallback_engine is None:
+            self._fallback_engine = self._build_per_sample_engine()
+        return self._fallback_engine
 
     # ------------------------------------------------------------------ the step
     def per_sample_losses(self, model, inputs: dict) -> torch.Tensor:
@@ -200,19 +219,22 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
 
         # 1. per-sample losses and per-sample gradient information (one forward, one backward). Under DDP the
         #    backward must not all-reduce: the unweighted gradient is not the step's (see distributed.py).
-        with engine.capturing(), no_sync(model):
-            with self.compute_loss_context_manager():
-                losses = self.per_sample_losses(model, inputs)
-            engine.backward(losses)
-        losses = losses.detach()
-        kept = engine.finite_samples() & torch.isfinite(losses)
+        losses, kept = self._losses_and_gradient_information(engine, model, inputs)
+        if not engine.computes_sketches and not bool(kept.all()):
+            # A baseline's single weighted backward cannot leave a NaN sample out (0 · NaN = NaN): redo this
+            # micro-batch with per-sample gradients, which can.
+            engine.clear()
+            engine = self._per_sample_fallback()
+            losses, kept = self._losses_and_gradient_information(engine, model, inputs)
 
         # 2-3. domains and weights → α (over the global batch when data-parallel; this rank's share back)
         alpha, record = self.compute_sample_weights(engine, losses, kept, human)
 
         # 4. the exact weighted gradient; micro-batches of an accumulation are averaged
         accumulation = self._accumulation_steps()
-        engine.accumulate_weighted_gradient(alpha.to(losses.device), scale=1.0 / accumulation)
+        with no_sync(model):
+            engine.accumulate_weighted_gradient(alpha.to(losses.device), scale=1.0 / accumulation)
+        record.num_nonfinite += engine.samples_dropped_after_weighting()
         engine.clear()
         if is_distributed() and self.accelerator.sync_gradients:
             all_reduce_gradients([p for _, p in engine.params])
@@ -220,6 +242,15 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
 
         mean_loss = losses[kept].mean() if bool(kept.any()) else torch.tensor(float("nan"), device=losses.device)
         return mean_loss / accumulation
+
+    def _losses_and_gradient_information(self, engine, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """One forward and the engine's backward: the detached per-sample losses and which samples are usable."""
+        with engine.capturing(), no_sync(model):
+            with self.compute_loss_context_manager():
+                losses = self.per_sample_losses(model, inputs)
+            engine.backward(losses)
+        kept = engine.finite_samples() & torch.isfinite(losses.detach())
+        return losses.detach(), kept
 
     def _accumulation_steps(self) -> int:
         # Set by Trainer's loop for each optimizer step (fewer for a short last step); outside `train()`

@@ -21,7 +21,14 @@ from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2  
 GLOBAL_BATCH = 8
 
 
-def run(out_dir: str, engine: str, accumulation: int, uneven: bool, fail_rank: int | None) -> None:
+def run_name(cfg: dict) -> str:
+    strategy = cfg.get("strategy", "dograph")
+    prefix = "" if strategy == "dograph" else f"{strategy}_"
+    return f"{prefix}{cfg['engine']}_ga{cfg['accumulation']}_{'uneven' if cfg['uneven'] else 'even'}"
+
+
+def run(out_dir: str, cfg: dict, fail_rank: int | None) -> None:
+    engine, accumulation, uneven = cfg["engine"], cfg["accumulation"], cfg["uneven"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rows = []
     for s in range(3 * accumulation):
@@ -31,7 +38,8 @@ def run(out_dir: str, engine: str, accumulation: int, uneven: bool, fail_rank: i
     args = DoGraphConfig(
         output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=accumulation,
         num_train_epochs=1, learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
-        num_domains=3, projection_dim=64, grad_engine=engine, seed=0, logging_steps=1, ddp_timeout=60,
+        num_domains=3, projection_dim=64, grad_engine=engine, mixing_strategy=cfg.get("strategy", "dograph"), seed=0,
+        logging_steps=1, ddp_timeout=60,
         accelerator_config={"even_batches": False},
     )
     trainer = DoGraphTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_list(rows), data_collator=stack_collator)
@@ -46,7 +54,7 @@ def run(out_dir: str, engine: str, accumulation: int, uneven: bool, fail_rank: i
     trainer.train()
     if trainer.is_world_process_zero():
         params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-        name = f"{engine}_ga{accumulation}_{'uneven' if uneven else 'even'}"
+        name = run_name(cfg)
         torch.save({"params": params, "weights": weights, "steps": trainer.state.global_step},
                    os.path.join(out_dir, f"{name}.pt"))
 
@@ -55,5 +63,5 @@ if __name__ == "__main__":
     out, spec = sys.argv[1], json.loads(sys.argv[2])
     for cfg in spec["configs"]:
         if cfg["engine"] in ENGINES:
-            run(out, cfg["engine"], cfg["accumulation"], cfg["uneven"], spec.get("fail_rank"))
+            run(out, cfg, spec.get("fail_rank"))
     shutdown()

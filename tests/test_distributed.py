@@ -14,11 +14,16 @@ import torch
 
 from hf_dograph.sketch import ENGINES
 
+from ddp_worker import run_name
+
 WORKER = Path(__file__).with_name("ddp_worker.py")
 CONFIGS = [
     {"engine": e, "accumulation": ga, "uneven": uneven}
     for e in ("opacus", "factored") if e in ENGINES
     for ga, uneven in ((1, False), (2, False), (1, True))
+] + [
+    # A baseline (loss-only step, no per-sample gradients): the same hand-made reduction must hold.
+    {"engine": "factored", "accumulation": 2, "uneven": True, "strategy": "loss_reweighting"},
 ]
 
 
@@ -47,9 +52,9 @@ def runs(tmp_path_factory):
     return results
 
 
-@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c['engine']}-ga{c['accumulation']}-{'uneven' if c['uneven'] else 'even'}")
+@pytest.mark.parametrize("cfg", CONFIGS, ids=run_name)
 def test_two_processes_equal_one(runs, cfg):
-    name = f"{cfg['engine']}_ga{cfg['accumulation']}_{'uneven' if cfg['uneven'] else 'even'}"
+    name = run_name(cfg)
     one, two = runs[1][name], runs[2][name]
     assert one["steps"] == two["steps"] == 3
     # Same domains and weights at every micro-batch (rank 0 records the global batch's weights).

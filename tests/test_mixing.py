@@ -21,7 +21,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hf_dograph import DoGraphConfig, DoGraphTrainer
-from hf_dograph.sketch import ENGINES
+from hf_dograph.sketch import ENGINES, LossOnlyEngine
 from hf_dograph.strategies import GroupDRO, loss_reweighting_weights
 
 from conftest import REPO_ROOT
@@ -171,6 +171,70 @@ def test_trainer_applies_each_baseline_formula(strategy, tmp_path):
         (torch.tensor(expected, dtype=ell.dtype) * ell).sum().backward()
         for n, p in model.named_parameters():
             torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{strategy} {n}: {m}")
+
+
+BASELINES = ["uniform", "loss_reweighting", "group_dro"]
+
+
+@pytest.mark.parametrize("strategy", BASELINES)
+def test_baselines_take_no_per_sample_gradients(strategy, tmp_path):
+    """The baselines' α needs losses only: the step is one ordinary backward, with no engine hooks installed."""
+    trainer = _trainer(strategy, tmp_path)
+    model = trainer.model
+    trainer.training_step(model, make_batch(batch=8, seq=12, seed=0, domains=3))
+    assert isinstance(trainer.grad_engine, LossOnlyEngine) and trainer._fallback_engine is None
+    assert all(getattr(p, "grad_sample", None) is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    with pytest.raises(RuntimeError, match="computes no gradient sketches"):
+        trainer.grad_engine.sketches()
+
+
+@pytest.mark.parametrize("strategy", BASELINES)
+def test_baseline_non_finite_sample_is_left_out_exactly(strategy, tmp_path):
+    """A NaN sample is redone per sample: left out (α = 0, counted), the gradient that of the others exactly."""
+    trainer = _trainer(strategy, tmp_path)
+    model = trainer.model
+
+    def poison_first_sample(module, inputs, output):
+        output = output.clone()
+        output[0] = float("nan")
+        return output
+
+    batch = make_batch(batch=8, seq=12, seed=1, pad_last=3, domains=3)
+    hook = model.lm_head.register_forward_hook(poison_first_sample)
+    model.zero_grad(set_to_none=True)
+    trainer.training_step(model, {k: v.clone() for k, v in batch.items()})
+    hook.remove()
+    record = trainer.dograph_last
+    assert record.num_nonfinite == 1 and record.assignments[0] == -1 and float(record.sample_weights[0]) == 0.0
+    assert float(record.sample_weights.sum()) == pytest.approx(1.0)
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(bool(torch.isfinite(g).all()) for g in got.values())
+
+    # Samples are independent in the forward, so the others' gradient is that of the batch without sample 0.
+    rest = {k: v[1:] for k, v in batch.items()}
+    model.zero_grad(set_to_none=True)
+    ell = _per_sample_losses_by_hand(model, rest)
+    (record.sample_weights[1:].to(ell.dtype) * ell).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{strategy} {n}: {m}")
+
+
+def test_baseline_non_finite_gradient_from_finite_losses_drops_only_that_micro_batch(tmp_path):
+    """An overflow in the backward: the micro-batch is left out and counted, earlier micro-batches are kept."""
+    trainer = _trainer("uniform", tmp_path, gradient_accumulation_steps=2)
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    trainer.training_step(model, make_batch(batch=8, seq=12, seed=2))
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert trainer.dograph_last.num_nonfinite == 0
+    blow_up = model.lm_head.weight.register_hook(lambda g: torch.full_like(g, float("inf")))
+    loss = trainer.training_step(model, make_batch(batch=8, seq=12, seed=3))
+    blow_up.remove()
+    assert math.isfinite(float(loss))
+    assert trainer.dograph_last.num_nonfinite == 8
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, first[n], rtol=0, atol=0, msg=lambda m: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -51,6 +51,7 @@ class GradEngine(abc.ABC):
     """Per-sample gradient sketches of one micro-batch, then the exact weighted gradient."""
 
     name: ClassVar[str]
+    computes_sketches: ClassVar[bool] = True  # False: losses only (the baselines' engine)
 
     def __init__(self, model: nn.Module, *, projection_dim: int, seed: int):
         self.model = model
@@ -89,6 +90,11 @@ class GradEngine(abc.ABC):
     def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
         """p.grad += scale · Σ_i α_i g_i for every trainable p. Samples with α_i = 0 contribute exactly 0,
         even if their gradient is not finite."""
+
+    def samples_dropped_after_weighting(self) -> int:
+        """Samples of the last micro-batch that `accumulate_weighted_gradient` had to leave out (0 for engines
+        that see every per-sample gradient before α is chosen)."""
+        return 0
 
     def clear(self) -> None:
         """Drop the micro-batch's stored tensors."""
