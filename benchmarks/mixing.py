@@ -8,7 +8,7 @@ over fresh seeds, plus the paired difference to `uniform` (same seed = same init
 concentrated each strategy's sample weights were (effective batch 1/Σα²; DoGraph's weight on one-sample
 clusters).
 
-    python benchmarks/mixing.py                  # the full benchmark (13-20 min on 2 shared CPU cores)
+    python benchmarks/mixing.py                  # the full benchmark (7 min on 2 idle CPU cores, 13-20 min shared)
     python benchmarks/mixing.py --quick          # the pipeline check CI runs (~15 s)
     python benchmarks/mixing.py --replot         # table and plots again from results.json
     python benchmarks/mixing.py --strategies uniform,dograph-uncertainty --seeds 0,1 --lrs 3e-3

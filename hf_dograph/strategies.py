@@ -17,6 +17,10 @@ import math
 import torch
 
 
+# Relative floor of loss_reweighting's normalizing std (see there).
+STD_FLOOR = 1e-4
+
+
 def _weights_dtype(losses: torch.Tensor) -> torch.dtype:
     # Keep float32/float64 as the losses have them; half-precision losses get float32 weights, so that
     # weights like 1/B do not lose digits.
@@ -26,9 +30,11 @@ def _weights_dtype(losses: torch.Tensor) -> torch.dtype:
 def loss_reweighting_weights(losses: torch.Tensor, temperature: float) -> torch.Tensor:
     """Per-sample weights α = softmax(u / temperature) of the batch-normalized losses.
 
-    u_i = (ℓ_i − mean ℓ) / (std ℓ + 1e-8), std the population standard deviation; when all losses are
-    equal u = 0 exactly, hence α = 1/B. Higher-loss samples weigh more, the more so the lower the
-    temperature. Returns (B,) on the losses' device, summing to 1.
+    u_i = (ℓ_i − mean ℓ) / s, s = max(std ℓ, 1e-4 · (1 + |mean ℓ|)), std the population standard
+    deviation; when all losses are equal u = 0 exactly, hence α = 1/B. The floor keeps losses that differ
+    only by float rounding (std ~1e-7) from being blown up to u = ±1: they get (near) uniform weights; real
+    batches have std far above it. Higher-loss samples weigh more, the more so the lower the temperature.
+    Returns (B,) on the losses' device, summing to 1.
     """
     if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0")
@@ -39,7 +45,9 @@ def loss_reweighting_weights(losses: torch.Tensor, temperature: float) -> torch.
         # Rounding in the mean would otherwise leave u ≈ ±1e-9 instead of 0.
         u = torch.zeros_like(ell)
     else:
-        u = (ell - ell.mean()) / (ell.std(correction=0) + 1e-8)
+        mean = ell.mean()
+        scale = torch.clamp(ell.std(correction=0), min=STD_FLOOR * (1 + float(mean.abs())))
+        u = (ell - mean) / scale
     alpha = torch.softmax(u / temperature, dim=0)
     return alpha.to(_weights_dtype(losses))
 

@@ -46,11 +46,12 @@ mixing = _load_benchmark()
 
 def ref_loss_reweighting(losses: list[float], temperature: float) -> list[float]:
     """Sow et al.'s dynamic loss-based reweighting as the package reads it: α = softmax(u/T),
-    u = (ℓ − mean) / (population std + 1e-8), u = 0 when all losses are equal."""
+    u = (ℓ − mean) / max(population std, 1e-4 (1 + |mean|)), u = 0 when all losses are equal."""
     n = len(losses)
     mean = sum(losses) / n
     std = math.sqrt(sum((x - mean) ** 2 for x in losses) / n)
-    u = [0.0] * n if all(x == losses[0] for x in losses) else [(x - mean) / (std + 1e-8) for x in losses]
+    scale = max(std, 1e-4 * (1 + abs(mean)))
+    u = [0.0] * n if all(x == losses[0] for x in losses) else [(x - mean) / scale for x in losses]
     top = max(u)
     e = [math.exp((x - top) / temperature) for x in u]
     return [x / sum(e) for x in e]

@@ -21,11 +21,11 @@ def close(actual: torch.Tensor, expected: list[float], atol: float = 1e-12):
 
 
 def test_loss_reweighting_by_hand():
-    # losses 1, 2, 3: mean 2, population std sqrt(2/3), so u = (−1, 0, 1)·sqrt(3/2) (up to the 1e-8).
+    # losses 1, 2, 3: mean 2, population std sqrt(2/3) (far above the floor 3e-4), so u = (−1, 0, 1)·sqrt(3/2).
     losses = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
     std = math.sqrt(2.0 / 3.0)
     for temperature in (1.0, 0.5, 4.0):
-        u = [(-1.0) / (std + 1e-8), 0.0, 1.0 / (std + 1e-8)]
+        u = [-1.0 / std, 0.0, 1.0 / std]
         e = [math.exp(x / temperature) for x in u]
         expected = [x / sum(e) for x in e]
         alpha = loss_reweighting_weights(losses, temperature)
@@ -51,6 +51,18 @@ def test_loss_reweighting_is_shift_and_scale_invariant():
 def test_loss_reweighting_equal_losses_are_uniform(value, batch):
     alpha = loss_reweighting_weights(torch.full((batch,), value, dtype=torch.float64), 0.3)
     assert torch.equal(alpha, torch.full((batch,), 1.0 / batch, dtype=torch.float64))
+
+
+def test_loss_reweighting_rounding_differences_stay_near_uniform():
+    # Losses equal but for float32 rounding (std ~5e-7): u is taken against the floor 1e-4 (1 + 4) = 5e-4,
+    # not the std, so α stays within 0.2% of 1/B instead of being pushed to u = ±1.
+    ulp = 4.76837158203125e-07  # float32 spacing at 4.0
+    losses = torch.tensor([4.0, 4.0 + ulp, 4.0 - ulp, 4.0], dtype=torch.float32)
+    alpha = loss_reweighting_weights(losses, 1.0)
+    close(alpha, [0.25] * 4, atol=0.25 * 2e-3)
+    # Just above the floor, real differences are still weighted: std 1e-3 > 5e-4 gives u = ±1.
+    spread = loss_reweighting_weights(torch.tensor([4.001, 3.999], dtype=torch.float64), 1.0)
+    close(spread, [math.exp(2) / (1 + math.exp(2)), 1 / (1 + math.exp(2))], atol=1e-9)
 
 
 def test_loss_reweighting_high_temperature_tends_to_uniform():
