@@ -65,7 +65,7 @@ class LossOnlyEngine(GradEngine):
         weighted.backward()
         new = [p.grad for _, p in self.params]
         finite = all(g is None or bool(torch.isfinite(g).all()) for g in new)
-        for (name, p), old, g in zip(self.params, saved, new):
+        for (_, p), old, g in zip(self.params, saved, new):
             if not finite:
                 # Zeros rather than None: every rank must all-reduce the same list of tensors.
                 p.grad = old if old is not None else torch.zeros_like(p)
