@@ -504,11 +504,14 @@ def lm_eval_scores(
     num_fewshot: int | None = None,
     save: bool = True,
     token: str | None = None,
+    include_path: str | os.PathLike | None = None,
 ) -> dict:
     """Run lm-eval-harness tasks (default: the paper's nine) on a checkpoint (folder or Hub reference).
 
     Needs the optional extra: `pip install "hf_dograph[lm-eval]"`. Returns `scores_from_lm_eval`'s dict and,
     for a local folder with `save`, writes it to `lm_eval_results.json` there, which the card then shows.
+    `include_path`: a folder of your own lm-eval task YAMLs (e.g. on local data files, for offline machines),
+    whose task names may then appear in `tasks`.
     """
     try:
         import lm_eval
@@ -524,6 +527,10 @@ def lm_eval_scores(
         kwargs["device"] = device
     if num_fewshot is not None:
         kwargs["num_fewshot"] = num_fewshot
+    if include_path is not None:
+        from lm_eval.tasks import TaskManager
+
+        kwargs["task_manager"] = TaskManager(include_path=str(include_path))
     results = lm_eval.simple_evaluate(**kwargs)
     scores = scores_from_lm_eval(results, tasks)
     if save and os.path.isdir(checkpoint):

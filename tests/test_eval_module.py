@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -124,14 +125,70 @@ def test_eval_command_table_and_json(tmp_path):
     assert "mean over domains" in table and "worst domain" in table
 
 
-def test_lm_eval_scores_needs_the_extra(tmp_path):
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match=r'pip install "hf_dograph\[lm-eval\]"'):
-            lm_eval_scores(str(tmp_path))
-    else:
-        pytest.skip("lm-eval is installed; its missing-extra message cannot be tested")
+def test_lm_eval_scores_needs_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if the extra were not installed: import fails
+    with pytest.raises(ImportError, match=r'pip install "hf_dograph\[lm-eval\]"'):
+        lm_eval_scores(str(tmp_path))
+
+
+# A local multiple-choice task (no Hub): lm-eval reads it through `include_path`.
+LOCAL_TASK = {"name": "dograph_test_sums", "docs": [
+    {"question": "2 + 3 =", "choices": ["5", "six", "23"], "label": 0},
+    {"question": "4 + 4 =", "choices": ["44", "16", "eight"], "label": 2},
+    {"question": "1 + 6 =", "choices": ["7", "16", "seven"], "label": 0},
+    {"question": "9 + 0 =", "choices": ["90", "0", "nine"], "label": 2},
+    {"question": "5 + 2 =", "choices": ["52", "7", "3"], "label": 1},
+]}
+
+
+def _choice_loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """log p(continuation | context), token by token, the way lm-eval scores a choice (byte tokens)."""
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return sum(float(logp[len(ctx) + j - 1, tok]) for j, tok in enumerate(cont))
+
+
+def test_lm_eval_scores_run_real_lm_eval_on_a_local_task_and_reach_the_card(tmp_path):
+    """The [lm-eval] path with the real harness (installed by the dev extra): a checkpoint, a local task,
+    scores equal to a hand computation of acc_norm, written where the card picks them up."""
+    import lm_eval  # noqa: F401  (the dev extra installs it; this test must not be skipped)
+    from transformers import ByT5Tokenizer
+
+    from hf_dograph.card import LM_EVAL_FILE, write_model_card
+
+    ckpt = tmp_path / "ckpt"
+    model = tiny_gpt2(seed=5, vocab=259).eval()  # ByT5's byte vocabulary: 256 bytes + 3 specials
+    tokenizer = ByT5Tokenizer(extra_ids=0)
+    model.save_pretrained(ckpt)
+    tokenizer.save_pretrained(ckpt)
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    data = tasks / "sums.jsonl"
+    data.write_text("\n".join(json.dumps(d) for d in LOCAL_TASK["docs"]), encoding="utf-8")
+    (tasks / "sums.yaml").write_text(
+        f"task: {LOCAL_TASK['name']}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: \"{{question}}\"\n"
+        "doc_to_choice: \"{{choices}}\"\ndoc_to_target: \"{{label}}\"\n"
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n", encoding="utf-8")
+
+    scores = lm_eval_scores(str(ckpt), tasks=[LOCAL_TASK["name"]], include_path=tasks, device="cpu", batch_size=2)
+
+    # By hand: each choice's log-likelihood after the context and lm-eval's " " delimiter; acc_norm divides
+    # it by the choice's length in characters.
+    hits = []
+    for doc in LOCAL_TASK["docs"]:
+        ll = [_choice_loglikelihood(model, tokenizer, doc["question"], " " + c) for c in doc["choices"]]
+        normed = [x / len(c) for x, c in zip(ll, doc["choices"])]
+        hits.append(max(range(len(normed)), key=normed.__getitem__) == doc["label"])
+    assert 0 < sum(hits) < len(hits)  # a score that tells right from wrong, not all or nothing
+    assert scores == {LOCAL_TASK["name"]: {"metric": "acc_norm", "value": pytest.approx(sum(hits) / len(hits))}}
+    assert json.loads((ckpt / LM_EVAL_FILE).read_text())[LOCAL_TASK["name"]]["metric"] == "acc_norm"
+
+    card = write_model_card(ckpt, plots=False).read_text()
+    assert LOCAL_TASK["name"] in card and "lm-evaluation-harness" in card
 
 
 def test_scores_from_lm_eval_results():
