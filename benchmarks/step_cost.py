@@ -48,6 +48,19 @@ def _rss_now_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _token_batches(spec: dict, count: int) -> list:
+    """`count` batches of random token ids, (B, seq) each, the same stream (seed 1) in every worker."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(0, VOCAB, (spec["batch"], spec["seq"]), generator=g) for _ in range(count)]
+
+
 def _model_for(spec: dict):
     """The GPT-2 of `spec` (weights from seed 0, dropout 0), built after applying its thread setting."""
     import torch
@@ -72,11 +85,10 @@ def run_point(spec: dict) -> dict:
     from hf_dograph import DoGraphConfig, DoGraphTrainer
 
     device = spec["device"]
-    batch, seq = spec["batch"], spec["seq"]
+    batch = spec["batch"]
     steps = spec["warmup"] + spec["steps"]
     model = _model_for(spec)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, VOCAB, (steps * batch, seq), generator=g)
+    ids = torch.cat(_token_batches(spec, steps))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(),
                               "attention_mask": torch.ones_like(ids).tolist()})
 
@@ -86,21 +98,17 @@ def run_point(spec: dict) -> dict:
     times: list[float] = []
     cpu_times: list[float] = []
 
-    def cpu_now() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
     class Timer(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
-            self.t0, self.c0 = time.perf_counter(), cpu_now()
+            self.t0, self.c0 = time.perf_counter(), _cpu_seconds()
 
         def on_step_end(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
-            cpu_times.append(cpu_now() - self.c0)
+            cpu_times.append(_cpu_seconds() - self.c0)
 
     common = dict(output_dir=f"/tmp/step_cost_{os.getpid()}", per_device_train_batch_size=batch, max_steps=steps,
                   report_to=[], save_strategy="no", logging_steps=10**6, disable_tqdm=True, learning_rate=1e-4,
@@ -156,14 +164,11 @@ def run_paired(spec: dict) -> dict:
     from hf_dograph import DoGraphConfig, DoGraphTrainer
 
     device = spec["device"]
-    batch, seq = spec["batch"], spec["seq"]
+    batch = spec["batch"]
     rounds = spec["warmup"] + spec["steps"]
     base_model = _model_for(spec)
-    g = torch.Generator().manual_seed(1)
-    batches = []
-    for _ in range(rounds):
-        ids = torch.randint(0, VOCAB, (batch, seq), generator=g)
-        batches.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+    batches = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+               for ids in _token_batches(spec, rounds)]
     common = dict(output_dir=f"/tmp/step_cost_{os.getpid()}", per_device_train_batch_size=batch, report_to=[],
                   save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0, use_cpu=(device == "cpu"),
                   bf16=spec.get("bf16", False))
@@ -177,14 +182,10 @@ def run_paired(spec: dict) -> dict:
         t.create_optimizer_and_scheduler(num_training_steps=rounds)
         t.current_gradient_accumulation_steps = 1
 
-    def cpu_now() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
     def step(t, b) -> tuple[float, float]:
         if device == "cuda":
             torch.cuda.synchronize()
-        w0, c0 = time.perf_counter(), cpu_now()
+        w0, c0 = time.perf_counter(), _cpu_seconds()
         t.training_step(t.model, {k: v.to(t.args.device) for k, v in b.items()})
         torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.args.max_grad_norm)
         t.optimizer.step()
@@ -192,7 +193,7 @@ def run_paired(spec: dict) -> dict:
         t.model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - w0, cpu_now() - c0
+        return time.perf_counter() - w0, _cpu_seconds() - c0
 
     wall = {k: [] for k in trainers}
     cpu = {k: [] for k in trainers}
