@@ -1,32 +1,41 @@
-"""Data-mixing benchmark: DoGraph's objectives against uniform mixing and two baselines, side by side.
+"""Data-mixing benchmark: DoGraph's objectives (persistent domains and per-batch) against uniform mixing and
+two baselines, side by side.
 
 Every strategy is a `mixing_strategy` of the same `DoGraphTrainer`, so only the per-sample weighting
-differs: same tiny GPT-2 (from scratch, byte tokenizer), same token budget (steps x batch x seq_len),
-same initial weights and data order for a given seed. Reported per strategy and dataset: per-domain
-validation perplexity, its mean over domains, the worst domain, and training wall time, as mean ± std
-over fresh seeds, plus the paired difference to `uniform` (same seed = same init and batches), and how
-concentrated each strategy's sample weights were (effective batch 1/Σα²; DoGraph's weight on one-sample
-clusters).
+differs: same GPT-2 (from scratch, byte tokenizer, ~1.05M parameters by default), same token budget
+(steps x batch x seq_len), same initial weights and data order for a given seed. Reported per strategy and
+dataset: per-domain validation perplexity, its mean over domains, the worst domain, and training wall time,
+as mean ± std over fresh seeds, plus the paired difference to `uniform` (same seed = same init and
+batches), the effective sample size of each strategy's weights, and how smoothly DoGraph's weights moved.
 
-    python benchmarks/mixing.py                  # the full benchmark (7 min on 2 idle CPU cores, 13-20 min shared)
+    python benchmarks/mixing.py --calibrate      # 1. the selection seed: shared learning rate, then an equal
+                                                 #    grid for DoGraph's defaults and each baseline's knob
+    python benchmarks/mixing.py                  # 2. the benchmark (11 strategies x 3 seeds x 2 datasets)
     python benchmarks/mixing.py --quick          # the pipeline check CI runs (~15 s)
     python benchmarks/mixing.py --replot         # table and plots again from results.json
     python benchmarks/mixing.py --strategies uniform,dograph-uncertainty --seeds 0,1 --lrs 3e-3
 
-Strategies (`--strategies`, names below):
-  uniform                      the plain mean gradient
+Strategies (`--strategies`, names below; `name:key=value,...` overrides any DoGraphConfig field):
+  uniform                      the plain mean gradient (the Trainer's step)
   loss_reweighting             softmax of batch-normalized per-sample losses (Sow et al., ICLR 2025)
   group_dro                    exponentiated-gradient weights over the HUMAN domain labels
-  dograph-<objective>          DoGraph, objective in uncertainty/variance/robust/alignment, no graph term
-  dograph-<objective>+graph    the same with the domain-graph term (graph_lambda = --graph-lambda)
+  dograph-<objective>          DoGraph with persistent domains (the default), objective in
+                               uncertainty/variance/robust/alignment
+  dograph-<objective>@batch    DoGraph per micro-batch (the paper read literally: K-means per batch,
+                               α_i = w_j / n_j)
+  dograph-<objective>+graph    either of the above with the domain-graph term (graph_lambda = --graph-lambda)
   plain-trainer                reference only: `transformers.Trainer` (no per-sample machinery) at
-                               uniform's learning rate, for wall time; not part of the sweep
+                               uniform's learning rate, for wall time; not part of the comparison
 
-The small sweep, the same for every strategy: each strategy trains once per learning rate in `--lrs`
-on the selection seed (`--selection-seed`, not among the reported seeds), keeps the learning rate with
-the lowest mean-over-domains validation perplexity, then trains on each of `--seeds`. Strategy
-hyperparameters other than the learning rate are the package defaults for everyone (no tuning of
-DoGraph alone). With a single learning rate there is no sweep.
+Tuning is equal for everyone. The learning rate is one for all strategies: the one of `--lrs` with the
+lowest mean-over-domains perplexity for `uniform` on the selection seed (`--selection-seed`, not among the
+reported seeds); `--calibrate` writes it to <output-dir>/calibration.json, with the choice of each
+family's settings from a grid of the same size (DoGraph's persistent `uncertainty`: mapping, smoothing and ε;
+loss_reweighting: temperature; group_dro: step size), chosen by the same rule (below). The benchmark then
+reads calibration.json. With several `--lrs` and no calibration each strategy sweeps them itself.
+
+Choice rule (the target of the project's issue): the lowest worst-domain perplexity among settings whose
+mean perplexity is within 2% of uniform's; if none is, the lowest mean perplexity.
 
 Runs go to a pool of `--workers` processes with `--threads` torch threads each (1 thread per process
 is much faster than 2 on a 2-core machine that others share). Outputs in `--output-dir`
@@ -57,9 +66,25 @@ REDPAJAMA_DIR = REPO_ROOT.parent / "shared" / "data" / "redpajama_sample"
 
 OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
 BASELINES = ("uniform", "loss_reweighting", "group_dro")
-ALL_STRATEGIES = BASELINES + tuple(f"dograph-{o}" for o in OBJECTIVES) + tuple(f"dograph-{o}+graph" for o in OBJECTIVES)
+ALL_STRATEGIES = BASELINES + tuple(f"dograph-{o}" for o in OBJECTIVES) + tuple(f"dograph-{o}@batch" for o in OBJECTIVES)
 REFERENCE = "plain-trainer"  # plain transformers.Trainer: wall-time reference, not a mixing strategy
-QUICK_STRATEGIES = ("uniform", "loss_reweighting", "group_dro", "dograph-uncertainty+graph")
+QUICK_STRATEGIES = ("uniform", "loss_reweighting", "group_dro",
+                    "dograph-uncertainty:domain_warmup_samples=16,domain_window=32,domain_refit_steps=2",
+                    "dograph-robust@batch+graph")
+# The calibration grids (`--calibrate`): the same number of settings for every family with a knob.
+CALIBRATION_GRID = {
+    "dograph-uncertainty": [
+        {},  # the package defaults: 'sample' mapping, weight_smoothing 0.1, uncertainty_eps 0.1
+        {"weight_mapping": "domain"},
+        {"weight_smoothing": 1.0},
+        {"uncertainty_eps": 1.0},
+    ],
+    "loss_reweighting": [{}, {"loss_reweighting_temperature": 0.5}, {"loss_reweighting_temperature": 2.0},
+                         {"loss_reweighting_temperature": 4.0}],
+    "group_dro": [{}, {"group_dro_step_size": 0.003}, {"group_dro_step_size": 0.03},
+                  {"group_dro_step_size": 0.1}],
+}
+MEAN_TOLERANCE = 0.02  # the choice rule's "mean within 2% of uniform"
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -71,31 +96,33 @@ class BenchConfig:
     datasets: list[str] = field(default_factory=lambda: ["embedded", "redpajama"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     selection_seed: int = 100
-    lrs: list[float] = field(default_factory=lambda: [2e-3, 4e-3])
-    reference: bool = True  # add the plain-Trainer wall-time reference
-    # Model: a small GPT-2 from scratch on bytes (259 tokens), so the parameters go to the layers.
-    n_layer: int = 2
-    n_embd: int = 64
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 2e-3, 4e-3])
+    reference: bool = True  # add the plain-Trainer wall-time reference (first seed only)
+    # Model: a GPT-2 from scratch on bytes (259 tokens): 4 x 144, 1.04M parameters.
+    n_layer: int = 4
+    n_embd: int = 144
     n_head: int = 4
     # Token budget: identical for every strategy.
-    steps: int = 100
-    batch_size: int = 16
-    seq_len: int = 128
-    warmup_ratio: float = 0.1
+    steps: int = 1000
+    batch_size: int = 32
+    seq_len: int = 32  # bytes: short, so that 11 strategies x 3 seeds x 2 datasets x 1000 steps fit on 2 CPU cores
+    warmup_ratio: float = 0.05
     weight_decay: float = 0.01
     max_grad_norm: float = 1.0
-    # DoGraph, the same for its eight variants.
-    num_domains: int = 4  # m: 4 clusters for batches of 16 (the paper: 11 for 48)
-    projection_dim: int = 128
+    # DoGraph: the paper's m and the package's default sketch size, for every variant.
+    num_domains: int = 11
+    projection_dim: int = 1024
     graph_lambda: float = 0.1
     grad_engine: str = "factored"
     # Data.
-    embedded_chars: int = 400_000  # as recipes/tiny.yaml
-    redpajama_bytes_per_domain: int = 128_000  # cap, so that every domain is small and fast
+    embedded_chars: int = 2_000_000
+    redpajama_bytes_per_domain: int = 512_000  # cap: no source takes over; cc (60 kB) stays the rare one
     redpajama_dir: str = str(REDPAJAMA_DIR)
     validation_fraction: float = 0.1
     max_validation_sequences_per_domain: int = 48
     eval_batch_size: int = 32
+    # The calibration's choices (read from calibration.json): {family: DoGraphConfig overrides}.
+    family_overrides: dict = field(default_factory=dict)
     # Execution.
     workers: int = 2
     threads: int = 1
@@ -108,29 +135,50 @@ class BenchConfig:
 
 
 def quick_config(**overrides) -> BenchConfig:
-    """The CI pipeline check: four strategies covering every weighting code path, a few steps, one seed,
-    the embedded corpus only, no sweep."""
+    """The CI pipeline check: five strategies covering every weighting code path, a few steps, one seed,
+    a small model, the embedded corpus only, no sweep."""
     cfg = BenchConfig(
         strategies=list(QUICK_STRATEGIES), datasets=["embedded"], seeds=[0], lrs=[3e-3], steps=6,
-        batch_size=8, seq_len=64, embedded_chars=40_000, max_validation_sequences_per_domain=8, workers=1,
-        output_dir="outputs/benchmarks/mixing-quick",
+        n_layer=2, n_embd=32, batch_size=8, seq_len=64, num_domains=4, projection_dim=64, embedded_chars=40_000,
+        max_validation_sequences_per_domain=8, workers=1, output_dir="outputs/benchmarks/mixing-quick",
     )
     return dataclasses.replace(cfg, **overrides)
 
 
+def _parse_value(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
 def strategy_settings(name: str, cfg: BenchConfig) -> dict:
-    """DoGraph settings (keyword arguments of `DoGraphConfig`) for a strategy name."""
-    if name in BASELINES:
-        return {"mixing_strategy": name}
-    if name.startswith("dograph-"):
-        objective, _, graph = name[len("dograph-"):].partition("+")
-        if objective not in OBJECTIVES or graph not in ("", "graph"):
+    """DoGraph settings (keyword arguments of `DoGraphConfig`) for a strategy name (see the module docstring)."""
+    base, _, overrides = name.partition(":")
+    extra = {}
+    for item in filter(None, overrides.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"strategy {name!r}: overrides are key=value pairs")
+        extra[key.strip()] = _parse_value(value.strip())
+    family = cfg.family_overrides.get(base, {})
+    if base in BASELINES:
+        return {"mixing_strategy": base, **family, **extra}
+    if base.startswith("dograph-"):
+        rest, _, graph = base[len("dograph-"):].partition("+")
+        objective, _, mode = rest.partition("@")
+        if objective not in OBJECTIVES or graph not in ("", "graph") or mode not in ("", "batch"):
             raise ValueError(f"unknown strategy {name!r}")
         return {
             "mixing_strategy": "dograph",
             "objective": objective,
+            "domain_mode": "per_batch" if mode else "persistent",
             "graph_lambda": cfg.graph_lambda if graph else 0.0,
             "num_domains": cfg.num_domains,
+            **family,
+            **extra,
         }
     raise ValueError(f"unknown strategy {name!r}: use one of {', '.join(ALL_STRATEGIES)} or {REFERENCE}")
 
@@ -145,13 +193,16 @@ def resolve_engine(requested: str) -> str:
 # ------------------------------------------------------------------------------------------------ data
 def capped_redpajama(src: Path, dst: Path, bytes_per_domain: int) -> Path:
     """A copy of the RedPajama sample folder holding at most `bytes_per_domain` of text per domain
-    (documents in file order, the last one cut), so that every domain is small and none dominates."""
+    (documents in file order, the last one cut), so that every domain is small and none dominates.
+
+    Written into a temporary folder and renamed into place, so that a reader never sees a half-written copy;
+    `prepare_data` builds it once in the main process before any worker starts."""
     marker = dst / f".cap-{bytes_per_domain}"
     if marker.exists():
         return dst
-    shutil.rmtree(dst, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".capped-", dir=dst.parent if dst.parent.exists() else None))
     for domain_dir in sorted(p for p in src.iterdir() if p.is_dir()):
-        out = dst / domain_dir.name
+        out = tmp / domain_dir.name
         out.mkdir(parents=True, exist_ok=True)
         left = bytes_per_domain
         with open(out / "part1.jsonl", "w", encoding="utf-8") as sink:
@@ -163,8 +214,17 @@ def capped_redpajama(src: Path, dst: Path, bytes_per_domain: int) -> Path:
                     raw = text.encode("utf-8")[:left]
                     left -= len(raw)
                     sink.write(json.dumps({"text": raw.decode("utf-8", errors="ignore")}) + "\n")
-    marker.touch()
+    (tmp / marker.name).touch()
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dst)
     return dst
+
+
+def prepare_data(cfg: BenchConfig, datasets: list[str]) -> None:
+    """Build every dataset's files once, here, before workers start (they then only read them)."""
+    for name in datasets:
+        data_spec(name, cfg)
 
 
 def available_datasets(cfg: BenchConfig) -> tuple[list[str], dict[str, str]]:
@@ -190,7 +250,7 @@ def data_spec(name: str, cfg: BenchConfig):
     )
     if name == "embedded":
         return DataSpec(source="embedded", embedded_chars=cfg.embedded_chars, **common)
-    cache = Path(cfg.output_dir) / "data" / "redpajama_capped"
+    cache = (Path(cfg.output_dir) / "data" / "redpajama_capped").resolve()
     path = capped_redpajama(Path(cfg.redpajama_dir), cache, cfg.redpajama_bytes_per_domain)
     return DataSpec(source="folder", path=str(path), **common)
 
@@ -260,30 +320,19 @@ def _weight_shares(history: list[dict], names: list[str]) -> dict | None:
     }
 
 
-def _weight_stats_callback():
-    """A callback measuring, at each optimizer step, how concentrated the step's sample weights α were:
-    the effective batch size 1/Σα² (B for uniform weights, 1 when one sample takes everything) and, for
-    DoGraph, the domain weight given to one-sample clusters (whose intra-domain variance is 0)."""
-    from transformers import TrainerCallback
-
-    class WeightStats(TrainerCallback):
-        def __init__(self):
-            self.trainer = None
-            self.effective_batch: list[float] = []
-            self.singleton_weight: list[float] = []
-
-        def on_step_end(self, args, state, control, **kwargs):
-            record = getattr(self.trainer, "dograph_last", None)
-            if record is None:
-                return
-            alpha = record.sample_weights[record.assignments >= 0].double()
-            if alpha.numel():
-                self.effective_batch.append(float(1.0 / (alpha * alpha).sum()))
-            if self.trainer.dograph_settings.mixing_strategy == "dograph":
-                single = record.cluster_sizes == 1
-                self.singleton_weight.append(float(record.domain_weights[single].sum()))
-
-    return WeightStats()
+def weight_statistics(history: list[dict], batch_size: int) -> dict:
+    """How concentrated and how steady a strategy's weights were, from the trainer's weight history:
+    the effective batch (Kish ESS of the step's α, in samples), the weight DoGraph's per-batch mode gave to
+    one-sample clusters, and (persistent domains) the mean step-to-step change Σ_j |Δw_j| of the domain
+    weights (0 = constant; 2 = all weight moving to another domain each step)."""
+    ess = [e["ess"] * batch_size for e in history if "ess" in e]
+    single = [sum(w for w, n in zip(e["domain_weights"], e.get("cluster_sizes", [])) if n == 1)
+              for e in history if not e.get("persistent", True) and "cluster_sizes" in e]
+    persistent = [e["domain_weights"] for e in history if e.get("persistent") and not e.get("warmup")]
+    moves = [sum(abs(a - b) for a, b in zip(w1, w0)) for w0, w1 in zip(persistent, persistent[1:])
+             if len(w0) == len(w1)]
+    return {"effective_batch": _mean(ess), "singleton_weight": _mean(single) if single else None,
+            "weight_change": _mean(moves) if moves else None}
 
 
 def _mean(values: list[float]) -> float | None:
@@ -317,10 +366,7 @@ def run_job(job: Job, cfg: BenchConfig) -> dict:
         )
         trainer_cls = Trainer if plain else DoGraphTrainer
         collator = DomainCollator.for_tokenizer(tokenizer, keep_domain=not plain)
-        stats = _weight_stats_callback()
-        trainer = trainer_cls(model=model, args=args, train_dataset=data.train, data_collator=collator,
-                              callbacks=[stats])
-        stats.trainer = trainer
+        trainer = trainer_cls(model=model, args=args, train_dataset=data.train, data_collator=collator)
         trainer.remove_callback(PrinterCallback)  # the progress bar reports; no log dict per run
         start = time.perf_counter()
         train_output = trainer.train()
@@ -343,9 +389,8 @@ def run_job(job: Job, cfg: BenchConfig) -> dict:
         "train_loss": float(train_output.training_loss),
         "wall_s": wall,
         "tokens": cfg.tokens_per_run,
-        "weight_shares": None if plain else _weight_shares(trainer.dograph_history, data.domain_names),
-        "effective_batch": _mean(stats.effective_batch),  # None for the plain Trainer (it has no α)
-        "singleton_weight": _mean(stats.singleton_weight),  # None for the baselines
+        "weight_shares": None if plain else _weight_shares(trainer.flush_dograph_history(), data.domain_names),
+        **({} if plain else weight_statistics(trainer.dograph_history, cfg.batch_size)),
     }
 
 
@@ -419,11 +464,13 @@ class Scheduler:
     def total(self) -> int:
         per = len(self.cfg.lrs) + len(self.cfg.seeds) if self.sweep else len(self.cfg.seeds)
         n_ds = len({j.dataset for j in self.initial})
-        return n_ds * (len(self.cfg.strategies) * per + (len(self.cfg.seeds) if self.cfg.reference else 0))
+        return n_ds * (len(self.cfg.strategies) * per + (1 if self.cfg.reference else 0))
 
     def _finals(self, ds: str, strategy: str, lr: float) -> list[Job]:
         self.chosen[(ds, strategy)] = lr
-        return [Job(ds, strategy, lr, seed, "final") for seed in self.cfg.seeds]
+        # The wall-time reference needs one run per dataset, not a spread.
+        seeds = self.cfg.seeds[:1] if strategy == REFERENCE else self.cfg.seeds
+        return [Job(ds, strategy, lr, seed, "final") for seed in seeds]
 
     def done(self, record: dict) -> list[Job]:
         """New jobs unlocked by a finished run."""
@@ -443,6 +490,7 @@ def run_all(cfg: BenchConfig, datasets: list[str], progress: bool = True) -> lis
     """Every run of the benchmark (sweep and final), in a process pool or, with one worker, in-process."""
     from tqdm.auto import tqdm
 
+    prepare_data(cfg, datasets)
     sched = Scheduler(cfg, datasets)
     records: list[dict] = []
     bar = tqdm(total=sched.total, desc="mixing runs", unit="run", disable=not progress, dynamic_ncols=True)
@@ -471,6 +519,110 @@ def run_all(cfg: BenchConfig, datasets: list[str], progress: bool = True) -> lis
                         running.add(pool.submit(run_job_cached, job, cfg))
     bar.close()
     return records
+
+
+# ----------------------------------------------------------------------------------------- calibration
+def choose(records: list[dict], uniform: dict) -> dict:
+    """The choice rule: lowest worst-domain perplexity among records whose mean perplexity is within
+    MEAN_TOLERANCE of uniform's; if none is, the lowest mean perplexity (a diverged run never wins)."""
+    finite = [r for r in records if math.isfinite(r["mean_perplexity"])] or records
+    ok = [r for r in finite if r["mean_perplexity"] <= (1 + MEAN_TOLERANCE) * uniform["mean_perplexity"]]
+    if ok:
+        return min(ok, key=lambda r: (r["worst_perplexity"], r["mean_perplexity"]))
+    return min(finite, key=lambda r: r["mean_perplexity"])
+
+
+def run_jobs(jobs: list[Job], cfg: BenchConfig, desc: str, progress: bool = True) -> list[dict]:
+    """Run independent jobs in the pool (or in-process with one worker), with a progress bar."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), desc=desc, unit="run", disable=not progress, dynamic_ncols=True)
+    records = []
+
+    def finish(record):
+        records.append(record)
+        bar.set_postfix_str(f"{record['strategy']} lr={record['lr']:g} ppl={record['mean_perplexity']:.2f} "
+                            f"worst={record['worst_perplexity']:.2f}")
+        bar.update()
+
+    if cfg.workers <= 1:
+        for job in jobs:
+            finish(run_job_cached(job, cfg))
+    else:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(cfg.workers, mp_context=ctx, initializer=_worker_init, initargs=(cfg.threads,)) as pool:
+            for fut in [pool.submit(run_job_cached, j, cfg) for j in jobs]:
+                finish(fut.result())
+    bar.close()
+    return records
+
+
+def _brief(r: dict) -> dict:
+    return {k: r[k] for k in ("strategy", "lr", "seed", "mean_perplexity", "worst_perplexity", "worst_domain",
+                              "effective_batch", "wall_s") if k in r}
+
+
+def run_calibration(cfg: BenchConfig, dataset: str = "redpajama", progress: bool = True) -> dict:
+    """On the selection seed: the shared learning rate (uniform's best of `--lrs`), then each family's setting
+    from its grid (CALIBRATION_GRID, equal sizes) by the choice rule. Writes calibration.json."""
+    datasets, skipped = available_datasets(dataclasses.replace(cfg, datasets=[dataset]))
+    if not datasets:
+        raise SystemExit(f"calibration needs the {dataset} data: {skipped.get(dataset)}")
+    seed = cfg.selection_seed
+    start = time.perf_counter()
+    prepare_data(cfg, datasets)
+    lr_runs = run_jobs([Job(dataset, "uniform", lr, seed, "calibration") for lr in cfg.lrs], cfg,
+                       "calibration: learning rate", progress)
+    lr = select_lr(lr_runs)
+    uniform = next(r for r in lr_runs if r["lr"] == lr)
+    names = [(family, overrides, family + (":" + ",".join(f"{k}={v}" for k, v in overrides.items())
+                                             if overrides else ""))
+             for family, grid in CALIBRATION_GRID.items() for overrides in grid]
+    runs = run_jobs([Job(dataset, name, lr, seed, "calibration") for _, _, name in names], cfg,
+                    "calibration: settings", progress)
+    by_name = {r["strategy"]: r for r in runs}
+    families = {}
+    for family in CALIBRATION_GRID:
+        candidates = [(overrides, by_name[name]) for f, overrides, name in names if f == family]
+        best = choose([r for _, r in candidates], uniform)
+        chosen = next(o for o, r in candidates if r is best)
+        families[family] = {"chosen": chosen, "runs": [dict(_brief(r), overrides=o) for o, r in candidates]}
+    doc = {"dataset": dataset, "selection_seed": seed, "lr": lr, "rule": choose.__doc__.split(":", 1)[1].strip(),
+           "lr_runs": [_brief(r) for r in lr_runs], "uniform": _brief(uniform), "families": families,
+           "wall_s": time.perf_counter() - start, "config": dataclasses.asdict(cfg)}
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibration.json").write_text(json.dumps(doc, indent=1))
+    return doc
+
+
+def apply_calibration(cfg: BenchConfig) -> BenchConfig:
+    """The benchmark's settings with calibration.json's learning rate and each family's chosen setting."""
+    path = Path(cfg.output_dir) / "calibration.json"
+    if not path.exists():
+        return cfg
+    doc = json.loads(path.read_text())
+    overrides = {f: v["chosen"] for f, v in doc["families"].items() if v["chosen"]}
+    return dataclasses.replace(cfg, lrs=[doc["lr"]], family_overrides=overrides)
+
+
+def calibration_table(doc: dict) -> str:
+    lines = [f"Calibration on {doc['dataset']}, selection seed {doc['selection_seed']}: learning rate "
+             f"{doc['lr']:g} (uniform's best of " + ", ".join(f"{r['lr']:g} → {r['mean_perplexity']:.3f}"
+                                                             for r in doc["lr_runs"]) + ")", "",
+             "| family | setting | mean ppl | worst-domain ppl | eff. batch | chosen |", "|---|---|---|---|---|---|"]
+    u = doc["uniform"]
+    lines.append(f"| uniform | — | {u['mean_perplexity']:.3f} | {u['worst_perplexity']:.3f} | — | |")
+    for family, block in doc["families"].items():
+        for r in block["runs"]:
+            setting = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "package default"
+            mark = "✔" if r["overrides"] == block["chosen"] else ""
+            eb = f"{r['effective_batch']:.1f}" if r.get("effective_batch") else "—"
+            lines.append(f"| {family} | {setting} | {r['mean_perplexity']:.3f} | {r['worst_perplexity']:.3f} | {eb} "
+                         f"| {mark} |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------- summary
@@ -505,7 +657,7 @@ def summarize(records: list[dict], cfg: BenchConfig) -> dict:
                 "wall_s": _mean_std([r["wall_s"] for r in runs]),
                 "per_domain": {d: _mean_std([r["perplexity"][d] for r in runs]) for d in domains},
             }
-            for key in ("effective_batch", "singleton_weight"):
+            for key in ("effective_batch", "singleton_weight", "weight_change"):
                 values = [r.get(key) for r in runs]
                 row[key] = _mean_std(values) if all(v is not None for v in values) else None
             paired = [r for r in runs if r["seed"] in base]
@@ -541,8 +693,8 @@ def markdown_tables(summary: dict, cfg: BenchConfig) -> str:
                   f"seeds {', '.join(map(str, cfg.seeds))}", "",
                   "| strategy | lr | mean ppl over domains | Δ mean vs uniform (paired) | worst-domain ppl "
                   f"| Δ worst vs uniform (paired) | worst domain | eff. batch (of {cfg.batch_size}) "
-                  "| weight on 1-sample clusters | train wall (s) |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| weight on 1-sample clusters | weight change per step | train wall (s) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for strategy, r in rows.items():
             mean = _pm(r["mean_perplexity"])
             worst = _pm(r["worst_perplexity"])
@@ -554,8 +706,9 @@ def markdown_tables(summary: dict, cfg: BenchConfig) -> str:
             label = f"{strategy} (reference)" if strategy == REFERENCE else strategy
             ess = _pm(r["effective_batch"], 1) if r.get("effective_batch") else "—"
             single = _pm(r["singleton_weight"], 2) if r.get("singleton_weight") else "—"
+            change = _pm(r["weight_change"], 3) if r.get("weight_change") else "—"
             lines.append(f"| {label} | {r['lr']:g} | {mean} | {d_mean} | {worst} | {d_worst} | {r['worst_domain']} "
-                         f"| {ess} | {single} | {_pm(r['wall_s'], 1)} |")
+                         f"| {ess} | {single} | {change} | {_pm(r['wall_s'], 1)} |")
         lines += ["", f"Per-domain validation perplexity ({ds}, mean ± std over seeds):", "",
                   "| strategy | " + " | ".join(domains) + " |", "|---|" + "---|" * len(domains)]
         for strategy, r in rows.items():
@@ -600,7 +753,7 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
         cmap = plt.get_cmap("tab20")
         for i, (s, r) in enumerate(rows.items()):
             (mx, sx), (my, sy) = r["mean_perplexity"], r["worst_perplexity"]
-            marker = "s" if s in BASELINES or s == REFERENCE else ("^" if "+graph" in s else "o")
+            marker = "s" if s in BASELINES or s == REFERENCE else ("^" if "@batch" in s else "o")
             ax2.errorbar(mx, my, xerr=sx, yerr=sy, fmt=marker, color=cmap(i % 20), label=s, capsize=3)
         ax2.set_xlabel("mean perplexity over domains")
         ax2.set_ylabel("worst-domain perplexity")
@@ -667,6 +820,9 @@ def parse_args(argv=None) -> tuple[BenchConfig, bool]:
     ap.add_argument("--output-dir")
     ap.add_argument("--resume", action="store_true", help="reuse finished runs with the same settings")
     ap.add_argument("--replot", action="store_true", help="redraw table.md and the plots from results.json, no runs")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="run the calibration on the selection seed (writes calibration.json) instead of the benchmark")
+    ap.add_argument("--no-calibration", action="store_true", help="ignore an existing calibration.json")
     ns = ap.parse_args(argv)
     cfg = quick_config() if ns.quick else BenchConfig()
     over = {}
@@ -690,7 +846,10 @@ def parse_args(argv=None) -> tuple[BenchConfig, bool]:
     if ns.replot:  # the settings of the stored run, not the defaults
         doc = json.loads((Path(cfg.output_dir) / "results.json").read_text())
         cfg = dataclasses.replace(BenchConfig(**doc["config"]), output_dir=cfg.output_dir)
-    return cfg, ns.replot
+    elif not ns.calibrate and not ns.quick and not ns.no_calibration and "lrs" not in over:
+        cfg = apply_calibration(cfg)
+    mode = "replot" if ns.replot else "calibrate" if ns.calibrate else "run"
+    return cfg, mode
 
 
 def replot(cfg: BenchConfig) -> dict:
@@ -704,9 +863,15 @@ def replot(cfg: BenchConfig) -> dict:
 
 
 def main(argv=None) -> int:
-    cfg, only_replot = parse_args(argv)
+    cfg, mode = parse_args(argv)
     _quiet()
-    doc = replot(cfg) if only_replot else run_benchmark(cfg)
+    if mode == "calibrate":
+        doc = run_calibration(cfg)
+        print()
+        print(calibration_table(doc))
+        print(f"calibration wall time: {doc['wall_s'] / 60:.1f} min; wrote {cfg.output_dir}/calibration.json")
+        return 0
+    doc = replot(cfg) if mode == "replot" else run_benchmark(cfg)
     print()
     print(doc["table"])
     print(f"total wall time: {doc['total_wall_s'] / 60:.1f} min on {doc['cpu_count']} CPU cores "

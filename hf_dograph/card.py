@@ -33,6 +33,8 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+from .jsonfiles import write_json
+
 logger = logging.getLogger(__name__)
 
 ARXIV_ID = "2604.07963"
@@ -76,17 +78,27 @@ def _read_json(path: Path):
 
 
 def _read_recipe(output_dir: Path) -> tuple[str | None, dict | None]:
+    """The run's recipe as the card shows it (text) and as parsed (raw, as written: for reading only).
+
+    The card is public: the text is the recipe without credentials and with local paths made public
+    (`redaction.public_recipe`), whatever `recipe.yaml` holds (a hand-written or older one may hold both).
+    A recipe.yaml that cannot be parsed is left out of the card, with a warning.
+    """
     path = output_dir / "recipe.yaml"
     if not path.is_file():
         return None, None
     import yaml
 
-    text = path.read_text(encoding="utf-8")
+    from .redaction import public_recipe
+
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError:
-        raw = None
-    return text, raw if isinstance(raw, dict) else None
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        logger.warning("model card: %s is not readable YAML, left out of the card (%s)", path, " ".join(str(err).split()))
+        return None, None
+    if not isinstance(raw, dict):
+        return None, None
+    return yaml.safe_dump(public_recipe(raw), sort_keys=False, allow_unicode=True), raw
 
 
 def count_parameters(output_dir: Path) -> int | None:
@@ -96,12 +108,14 @@ def count_parameters(output_dir: Path) -> int | None:
         return None
     total = 0
     for f in files:
-        with open(f, "rb") as handle:
-            (n,) = struct.unpack("<Q", handle.read(8))
-            header = json.loads(handle.read(n))
-        for name, info in header.items():
-            if name != "__metadata__":
-                total += math.prod(info["shape"])
+        try:
+            with open(f, "rb") as handle:
+                (n,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(n))
+            total += sum(math.prod(info["shape"]) for name, info in header.items() if name != "__metadata__")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:  # a truncated or foreign file
+            logger.warning("model card: cannot read the header of %s (%s): no parameter count", f, err)
+            return None
     return total
 
 
@@ -390,8 +404,11 @@ def build_model_card(
         lm_eval=lm_eval_context(lm_eval),
         library=identity["library"],
     )
-    # Optional sections leave runs of blank lines behind them: keep at most one.
-    return ModelCard(re.sub(r"\n{3,}", "\n\n", str(card)))
+    # Optional sections leave runs of blank lines behind them: keep at most one. The card is public: a last pass
+    # takes out any token that reached its text some other way (`redaction.scrub_text`).
+    from .redaction import scrub_text
+
+    return ModelCard(scrub_text(re.sub(r"\n{3,}", "\n\n", str(card))))
 
 
 def is_dograph_card(path: str | os.PathLike) -> bool:
@@ -441,13 +458,17 @@ def eval_command(
     device: str | None = None,
     json_path: str | os.PathLike | None = None,
     token: str | None = None,
+    bare_hub_ids: bool = True,
+    label: str | None = None,
 ) -> tuple[str, dict]:
     """`hf-dograph eval MODEL --data ...`: per-domain validation loss and perplexity of a causal LM.
 
-    model: a folder or a Hub reference (`user/name`, `user/name@revision`, `user/name:subfolder`).
+    model: a folder or a Hub reference (`user/name`, `user/name@revision`, `user/name:subfolder`, `hf://...`;
+        with `bare_hub_ids=False`, as on the command line, only `hf://...`: see `hub.locate`).
     data: a `DataSpec`, a dict of its fields, or a recipe name / YAML file whose `data:` section is used;
         its validation split is what gets evaluated (the same split `hf-dograph train` held out).
     tokenizer: a tokenizer spec for `hf_dograph.data.load_tokenizer` (default: the model's own folder).
+    label: how the model is named in the table and the JSON (default: `model`).
     Returns (the plain-text table, the JSON-able dict: per domain loss/perplexity/tokens, mean, worst);
     writes the dict to `json_path` when given.
     """
@@ -458,8 +479,13 @@ def eval_command(
     from .evaluation import evaluate_per_domain
     from .hub import resolve_model
 
+    from .run_folder import model_folder_problem
+
+    model_dir = resolve_model(model, token=token, bare_hub_ids=bare_hub_ids)
+    problem = model_folder_problem(model_dir)
+    if problem is not None:
+        raise problem
     spec = _data_spec(data)
-    model_dir = resolve_model(model, token=token)
     tok = load_tokenizer(tokenizer or model_dir)
     dataset = build_domain_dataset(spec, tok)
     if len(dataset.validation) == 0:
@@ -469,10 +495,10 @@ def eval_command(
     result = evaluate_per_domain(lm, dataset.validation, DomainCollator.for_tokenizer(tok), dataset.domain_names,
                                  batch_size=batch_size, device=device)
     summary = result.to_dict()
-    summary["model"] = str(model)
-    table = result.to_table(title=str(model).rstrip("/").split("/")[-1])
+    summary["model"] = str(label or model)
+    table = result.to_table(title=str(label or model).rstrip("/").split("/")[-1])
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json(json_path, summary)
     return table, summary
 
 
@@ -534,7 +560,7 @@ def lm_eval_scores(
     results = lm_eval.simple_evaluate(**kwargs)
     scores = scores_from_lm_eval(results, tasks)
     if save and os.path.isdir(checkpoint):
-        (Path(checkpoint) / LM_EVAL_FILE).write_text(json.dumps(scores, indent=2), encoding="utf-8")
+        write_json(Path(checkpoint) / LM_EVAL_FILE, scores)
     return scores
 
 

@@ -6,14 +6,14 @@ without torch):
 
 - the DoGraph settings (m, k, objective, engine, λ, ...) and the projection seed: the projection R is
   regenerated from the seed, never stored;
-- the domain finder's state (the online centroids and when they were fitted, if any);
-- the group-DRO baseline's log-weights, if that strategy runs;
-- the weight history (one entry per micro-batch: what the plots and the model card show) and a
-  summary of the last micro-batch (weights, sizes, centroid affinities, model × human counts);
-- the global step and the trainer's micro-step counter `_micro_step`, on which the K-means seed
-  depends (`DoGraphTrainer._step_key`);
+- the weighting strategy's state: for the persistent domains the window of recent sketches, the centroids,
+  statistics, smoothed weights and counters (tensors stored exactly, base64 inside the JSON); for the
+  per-batch mode its K-means step key; for group DRO its log-weights;
+- the weight history (one entry per optimizer step, per micro-batch for the per-batch strategies: what the
+  plots and the model card show) and a summary of the last micro-batch (weights, sizes, centroid
+  affinities, model × human counts);
 - the DoGraph metrics accumulated since the last log, so the first log after a resume averages the
-  same micro-batches as an uninterrupted run.
+  same steps as an uninterrupted run, and the count of consecutive non-finite steps.
 
 `DoGraphCheckpointMixin` (a base class of `DoGraphTrainer`) writes the file with every `save_model`
 (so into each `checkpoint-N` and into `output_dir`, hence onto the Hub) and reads it back when
@@ -23,7 +23,7 @@ without torch):
 
 from __future__ import annotations
 
-import json
+import base64
 import logging
 import math
 import os
@@ -61,21 +61,45 @@ def contingency(model_domains: torch.Tensor, human_domains: torch.Tensor) -> lis
     return counts.tolist()
 
 
-def summarize_record(record) -> dict:
-    """A JSON-able summary of a `DoGraphStepRecord`: what the graph plot and the heatmap need.
+def summarize_record(record) -> dict | None:
+    """A JSON-able summary of a `DoGraphStepRecord`: what the graph plot and the heatmap need (None before any
+    domain exists).
 
     Centroids are m × k (k ~ 1024), too big to keep per step: only their m × m affinity is kept.
     """
+    if record is None or record.domain_weights is None or record.cluster_sizes is None:
+        return None  # no model domains (warm-up, or a baseline)
     summary = {
-        "domain_weights": [float(x) for x in record.domain_weights],
-        "cluster_sizes": [int(x) for x in record.cluster_sizes],
+        "domain_weights": [float(x) for x in record.domain_weights.tolist()],
+        "cluster_sizes": [int(round(float(x))) for x in record.cluster_sizes.tolist()],
     }
     centroids = (record.extra or {}).get("centroids")
     if centroids is not None and centroids.shape[0] == record.domain_weights.numel():
         summary["affinity"] = centroid_affinity(torch.as_tensor(centroids)).tolist()
     if record.human_domains is not None:
-        summary["contingency"] = contingency(record.assignments, record.human_domains)
+        summary["contingency"] = contingency(record.assignments.cpu(), record.human_domains.cpu())
     return summary
+
+
+# ----------------------------------------------------------------------------- tensors inside JSON
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> dict:
+    """{name: {dtype, shape, data}} with the raw bytes in base64: exact, and the state stays one JSON file."""
+    out = {}
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous()
+        out[name] = {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape),
+                     "data": base64.b64encode(t.numpy().tobytes()).decode("ascii")}
+    return out
+
+
+def decode_tensors(encoded: dict) -> dict[str, torch.Tensor]:
+    import numpy as np
+
+    out = {}
+    for name, spec in (encoded or {}).items():
+        arr = np.frombuffer(base64.b64decode(spec["data"]), dtype=np.dtype(spec["dtype"])).reshape(spec["shape"])
+        out[name] = torch.from_numpy(arr.copy())
+    return out
 
 
 # ----------------------------------------------------------------------------- state <-> trainer
@@ -83,49 +107,61 @@ def _finite_or_none(x: float):
     return x if math.isfinite(x) else None  # JSON has no NaN; a NaN metric is dropped on the way back
 
 
+# Settings whose change makes the stored domain model meaningless (other sketches) or a different shape.
+_SKETCH_SETTINGS = ("projection_dim", "projection_seed", "grad_engine")
+
+
 def dograph_state(trainer) -> dict:
     """Everything DoGraph needs to continue a run exactly, and the history the card and plots show."""
     s = trainer.dograph_settings
-    gs, i = getattr(trainer, "_micro_step", (None, 0))
+    trainer.flush_dograph_history()
+    meta, tensors = trainer.dograph_strategy.state_dict()
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
         "global_step": int(trainer.state.global_step),
-        "micro_step": [gs, int(i)],
         "settings": s.to_dict(),
         "projection_seed": int(s.projection_seed),
-        "domain_finder": trainer.domain_finder.state_dict(),
-        "group_dro": trainer.group_dro.state_dict() if getattr(trainer, "group_dro", None) is not None else None,
+        "strategy": {"name": type(trainer.dograph_strategy).__name__, "meta": meta,
+                     "tensors": encode_tensors(tensors)},
         "history": list(trainer.dograph_history),
-        "last_step": getattr(trainer, "_dograph_last_summary", None),
+        "last_step": summarize_record(getattr(trainer, "dograph_last", None)),
         "pending_metrics": {k: [_finite_or_none(float(v)) for v in vs] for k, vs in trainer._metrics.items()},
-        "pending_nonfinite": int(getattr(trainer, "_nonfinite_since_log", 0)),
+        "nonfinite": {"run": int(trainer._nonfinite_run), "steps_since_log": int(trainer._nonfinite_steps_since_log)},
     }
 
 
 def save_dograph_state(trainer, output_dir: str | os.PathLike) -> Path:
     """Write `dograph_state.json` into `output_dir` (created if needed); returns its path."""
-    path = Path(output_dir) / DOGRAPH_STATE_NAME
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    # Write then rename: a run killed mid-write never leaves a truncated state beside good weights.
-    # Compact: the history has one entry per micro-batch, so long runs make this file several MB.
-    tmp.write_text(json.dumps(dograph_state(trainer), separators=(",", ":")), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from .jsonfiles import write_json
+
+    # Strict JSON, written then renamed (a run killed mid-write never leaves a truncated state beside good
+    # weights), compact: the history and the domain model's window make long runs' files a few MB.
+    return write_json(Path(output_dir) / DOGRAPH_STATE_NAME, dograph_state(trainer), compact=True)
 
 
 def load_dograph_state(path: str | os.PathLike) -> dict:
-    """Read a `dograph_state.json` (or the one inside a folder)."""
+    """Read a `dograph_state.json` (or the one inside a folder).
+
+    A file that is missing, truncated, garbled or not a DoGraph state raises `InputFileError` (a
+    `ValueError`) naming the file, the line and the fix.
+    """
+    from .errors import InputFileError
+    from .jsonfiles import read_json
+
     p = Path(path)
     if p.is_dir():
         p = p / DOGRAPH_STATE_NAME
-    state = json.loads(p.read_text(encoding="utf-8"))
-    if state.get("format") != STATE_FORMAT:
-        raise ValueError(f"{p} is not a DoGraph state file (format {state.get('format')!r})")
+    fix = (f"resume from another checkpoint-N (resume_from_checkpoint=True picks the last complete one), or delete "
+           f"{p} to resume with DoGraph's state started afresh (weights, optimizer and schedule are still restored)")
+    state = read_json(p, fix=fix, what="DoGraph state")
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise InputFileError(p, f"not a DoGraph state file (format {found!r}, expected {STATE_FORMAT!r})", fix)
     if int(state.get("version", 0)) > STATE_VERSION:
-        raise ValueError(
-            f"{p} was written by a newer hf_dograph (state version {state['version']} > {STATE_VERSION}): upgrade"
+        raise InputFileError(
+            p, f"written by a newer hf_dograph (state version {state['version']} > {STATE_VERSION})",
+            "upgrade hf_dograph (pip install -U hf_dograph)",
         )
     return state
 
@@ -138,26 +174,73 @@ def settings_differences(saved: dict, current: dict) -> dict:
 def restore_dograph_state(trainer, state: dict) -> None:
     """Put a saved DoGraph state back into `trainer` (before `train()` continues from the checkpoint).
 
-    Settings are not overwritten: they come from the trainer's arguments. If they differ from the
-    checkpoint's the run still resumes, with a warning, since it is then no longer the same run.
+    Settings come from the trainer's arguments, never from the checkpoint. Every restored piece is checked
+    against them: the domain model is kept only if it was built for the same sketches (projection_dim,
+    projection_seed, grad_engine) and the same strategy; a changed num_domains or domain_window refits the
+    domains from the stored window at the next step; anything else that differs is reported, and the run
+    continues (it is then not the run that was checkpointed).
     """
-    diff = settings_differences(state.get("settings", {}), trainer.dograph_settings.to_dict())
+    saved = state.get("settings", {})
+    current = trainer.dograph_settings.to_dict()
+    diff = settings_differences(saved, current)
     if diff:
         logger.warning(
             "Resuming with DoGraph settings that differ from the checkpoint's (%s): the run continues, but it is not "
             "the run that was checkpointed.", ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items()),
         )
-    trainer.domain_finder.load_state_dict(state.get("domain_finder") or {})
-    if state.get("group_dro") is not None and getattr(trainer, "group_dro", None) is not None:
-        trainer.group_dro.load_state_dict(state["group_dro"])
+    strategy = state.get("strategy") or {}
+    sketch_changed = [k for k in _SKETCH_SETTINGS if k in diff]
+    if strategy.get("name") != type(trainer.dograph_strategy).__name__:
+        if strategy:
+            logger.warning("The checkpoint's DoGraph state is for %s, this run uses %s: it starts afresh.",
+                           strategy.get("name"), type(trainer.dograph_strategy).__name__)
+    elif sketch_changed:
+        logger.warning(
+            "The checkpoint's domain model was built from other gradient sketches (%s changed): its window and "
+            "domains cannot be reused, so DoGraph starts a new warm-up (uniform weights until "
+            "domain_warmup_samples samples have been seen).", ", ".join(sketch_changed))
+    else:
+        meta, tensors = strategy.get("meta") or {}, decode_tensors(strategy.get("tensors"))
+        meta, tensors = _adapt_domain_model(meta, tensors, saved, current)
+        device = trainer.args.device
+        trainer.dograph_strategy.load_state_dict(meta, tensors, device=device)
     trainer.dograph_history = list(state.get("history") or [])
-    trainer._dograph_last_summary = state.get("last_step")
-    gs, i = state.get("micro_step") or [None, 0]
-    trainer._micro_step = (gs, int(i))
+    trainer._pending_history = []
     trainer._metrics.clear()
     for k, vs in (state.get("pending_metrics") or {}).items():
-        trainer._metrics[k].extend(float(v) for v in vs if v is not None)
-    trainer._nonfinite_since_log = int(state.get("pending_nonfinite", 0))
+        trainer._metrics[k].extend(torch.tensor(float(v), dtype=torch.float64) for v in vs if v is not None)
+    nonfinite = state.get("nonfinite") or {}
+    trainer._nonfinite_run = int(nonfinite.get("run", 0))
+    trainer._nonfinite_steps_since_log = int(nonfinite.get("steps_since_log", 0))
+
+
+def _adapt_domain_model(meta: dict, tensors: dict, saved: dict, current: dict) -> tuple[dict, dict]:
+    """Make a stored persistent domain model fit changed settings, safely: the window is kept (same sketches),
+    centroids and weights of another num_domains are dropped (a refit follows at the next step), a window of
+    another size is cut to its most recent rows or padded."""
+    if "z" not in tensors:
+        return meta, tensors
+    meta = dict(meta)
+    if saved.get("num_domains") != current.get("num_domains"):
+        for name in ("centroids", "weights", "multipliers"):
+            tensors.pop(name, None)
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("stats.")}
+        meta["last_refit_step"] = None
+        meta["refit_now"] = True
+    capacity = int(current.get("domain_window") or len(tensors["z"]))
+    old = len(tensors["z"])
+    if capacity != old:
+        # Unroll the ring (oldest first), keep the newest rows, pad with empty (invalid) rows.
+        ptr, filled = int(meta.get("ptr", 0)), int(meta.get("filled", old))
+        order = torch.arange(ptr - filled, ptr) % old
+        for name in ("z", "loss", "items", "valid"):
+            rows = tensors[name][order][-capacity:]
+            pad = torch.zeros((capacity - len(rows), *rows.shape[1:]), dtype=rows.dtype)
+            tensors[name] = torch.cat([rows, pad])
+        meta["filled"] = min(filled, capacity)
+        meta["ptr"] = meta["filled"] % capacity
+    meta["capacity"] = capacity
+    return meta, tensors
 
 
 def checkpoint_has_state(checkpoint: str | os.PathLike) -> bool:
@@ -181,50 +264,50 @@ class DoGraphCheckpointMixin:
     dograph_write_plots: bool = True
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        from .redaction import pickle_without_credentials
+
+        # The Trainer pickles its arguments into training_args.bin here, in each checkpoint and before each Hub
+        # push: from now on that pickle holds no hub_token (or any credential field); self.args keeps them.
+        pickle_without_credentials(self.args)
+        if self.args.should_save:  # files this process writes are its own run, not "another run" (run_folder)
+            from .run_folder import mark_owned
+
+            mark_owned(output_dir if output_dir is not None else self.args.output_dir)
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             save_dograph_state(self, output_dir if output_dir is not None else self.args.output_dir)
 
-    def _dograph_observe(self, record) -> None:
-        self._dograph_last_summary = summarize_record(record)
-        if record.human_domains is not None and self.dograph_history:
-            kept = record.assignments >= 0
-            if bool(kept.any()) and self.dograph_settings.mixing_strategy == "dograph":
-                from .domains import normalized_mutual_information
-
-                nmi = normalized_mutual_information(record.assignments[kept], record.human_domains[kept])
-                self.dograph_history[-1]["nmi"] = round(nmi, 6)
-
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        checkpoint = resume_from_checkpoint
-        if isinstance(checkpoint, bool):
-            if checkpoint:
-                from transformers.trainer_utils import get_last_checkpoint
+        """`Trainer.train`, plus: the output folder is locked for the run and a folder holding another run is
+        refused unless `resume_from_checkpoint` or `overwrite_output_dir=True` is given (`run_folder`);
+        `resume_from_checkpoint=True` takes the last *complete* checkpoint; a Hub reference is downloaded;
+        DoGraph's state is restored from the checkpoint; plots are written at the end."""
+        from .redaction import pickle_without_credentials
+        from .run_folder import claim_output_dir, resume_checkpoint
 
-                # None lets the Trainer raise its own "no valid checkpoint" error below.
-                checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-                resume_from_checkpoint = checkpoint or True
-            else:
-                checkpoint = None
-        elif checkpoint is not None and not os.path.isdir(str(checkpoint)):
-            from .hub import resolve_checkpoint
-
-            checkpoint = resume_from_checkpoint = resolve_checkpoint(str(checkpoint))
-        if checkpoint is not None:
-            if checkpoint_has_state(checkpoint):
-                restore_dograph_state(self, load_dograph_state(checkpoint))
-            else:
-                logger.warning(
-                    "%s has no %s (a checkpoint of a plain Trainer or an older run): DoGraph's state (weight history, "
-                    "online domains) starts afresh; the weights, optimizer and schedule are restored as usual.",
-                    checkpoint, DOGRAPH_STATE_NAME,
-                )
-        output = super().train(
-            resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
-            **kwargs,
-        )
-        if self.dograph_write_plots and self.is_world_process_zero() and self.dograph_history:
-            self.write_dograph_plots()
+        overwrite = bool(kwargs.pop("overwrite_output_dir", False) or getattr(self.args, "overwrite_output_dir", False))
+        pickle_without_credentials(self.args)  # training_args.bin, in every checkpoint and push, holds no token
+        resuming = resume_from_checkpoint is not None and resume_from_checkpoint is not False
+        # The main process holds the lock for all; every process checks the folder (all see the same files).
+        with claim_output_dir(self.args.output_dir, overwrite=overwrite, resume=resuming,
+                              lock=self.args.process_index == 0):
+            checkpoint = resume_checkpoint(self.args.output_dir, resume_from_checkpoint)
+            if checkpoint is not None:
+                resume_from_checkpoint = checkpoint
+                if checkpoint_has_state(checkpoint):
+                    restore_dograph_state(self, load_dograph_state(checkpoint))
+                else:
+                    logger.warning(
+                        "%s has no %s (a checkpoint of a plain Trainer or an older run): DoGraph's state (weight "
+                        "history, online domains) starts afresh; the weights, optimizer and schedule are restored as "
+                        "usual.", checkpoint, DOGRAPH_STATE_NAME,
+                    )
+            output = super().train(
+                resume_from_checkpoint=resume_from_checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval,
+                **kwargs,
+            )
+            if self.dograph_write_plots and self.is_world_process_zero() and self.dograph_history:
+                self.write_dograph_plots()
         return output
 
     def write_dograph_plots(self, output_dir: str | None = None) -> dict:

@@ -4,29 +4,44 @@
     hf-dograph train gpt2-small-slimpajama --set training.max_steps=1000
     hf-dograph train recipes/tiny.yaml --compare-uniform
     hf-dograph train tinyllama-1.1b-pile --smoke        # 2 steps, tiny dims, embedded corpus
+    hf-dograph train --resume-from-checkpoint outputs/tiny/checkpoint-100   # or hf://USER/NAME:last-checkpoint
+    hf-dograph train --overwrite-output-dir             # train over a finished run in outputs/tiny
     hf-dograph eval outputs/tiny --data tiny            # per-domain loss/perplexity of a model
     hf-dograph push outputs/tiny --repo-id USER/NAME    # weights, tokenizer, DoGraph card and state
     hf-dograph list | show RECIPE
 
 Runs unchanged under `accelerate launch` and `torchrun`: the Trainer reads the launcher's
 environment; tables are printed and files written by the main process only.
+
+A run owns its output folder (`run_folder`): a folder another run is writing is refused (its lock file
+names the owner), and so is one holding a finished or stopped run unless --overwrite-output-dir or
+--resume-from-checkpoint says what to do with it. Errors about the user's input (recipes, data files,
+checkpoints, folders) are printed as one line naming the file, the line and the fix, and exit with 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import logging
 import os
+import signal
 import sys
-import tempfile
+import threading
 import time
 from pathlib import Path
 
 from .data.hub import HubAccessError
-from .hub import HubReferenceError
 from .data.spec import DataError
+from .errors import InputFileError
+from .folder_lock import FolderLockedError
+from .hub import HubReferenceError
 from .recipes import DEFAULT_RECIPE, SMOKE_HELP, RecipeError
+from .run_folder import RunFolderError
+
+#: Errors whose message is the whole story (what, where, the fix): printed as one line, no traceback.
+USER_ERRORS = (RecipeError, DataError, HubAccessError, HubReferenceError, InputFileError, RunFolderError,
+               FolderLockedError)
 
 logger = logging.getLogger("hf_dograph.cli")
 
@@ -41,11 +56,22 @@ def _say(text: str = "") -> None:
         print(text, flush=True)
 
 
+def _launch_id() -> str | None:
+    """An id shared by the processes of one launched run (torchrun, accelerate), None for a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return None
+    return os.environ.get("TORCHELASTIC_RUN_ID") or (
+        f"{os.environ.get('MASTER_ADDR', 'local')}-{os.environ.get('MASTER_PORT', '0')}")
+
+
 def default_output_dir(recipe, smoke: bool) -> Path:
-    """outputs/<name> in the working directory; for --smoke a fixed folder under the system temp dir
-    (the same path in every process of a multi-process run)."""
+    """outputs/<name> in the working directory. For --smoke a fresh private folder (mode 0700) under the
+    system temp dir: never a fixed path another user could have planted a symlink at. The processes of a
+    launched run share one (named after the launch, created by the first, checked by all)."""
     if smoke:
-        return Path(tempfile.gettempdir()) / "hf-dograph-smoke" / recipe.name
+        from .run_folder import private_temp_dir
+
+        return private_temp_dir(f"hf-dograph-smoke-{recipe.name}-", shared_key=_launch_id())
     return Path(recipe.training.get("output_dir") or Path("outputs") / recipe.name)
 
 
@@ -99,16 +125,31 @@ def save_checkpoint(trainer, recipe, tokenizer, output_dir: Path) -> None:
     trainer.save_model(str(output_dir))  # every rank calls it; the Trainer writes on the main process
 
 
+def comparison_twin(recipe):
+    """The uniform twin trained beside a DoGraph run (--compare-uniform): a reference for the table, never
+    published (the Hub repo is the DoGraph model's), so its push_to_hub is off."""
+    from .recipes import parse_recipe, uniform_twin
+
+    twin = uniform_twin(recipe)
+    if not twin.training.get("push_to_hub"):
+        return twin
+    raw = dict(twin.raw, training={**(twin.raw.get("training") or {}), "push_to_hub": False})
+    return parse_recipe(raw, twin.name, twin.path)
+
+
 def _train_one(recipe, data, tokenizer, output_dir: Path, uniform: bool, resume_from_checkpoint=None):
     """Train one model on `data`; returns (trainer, per-domain result, weight shares or None)."""
     from transformers import Trainer, set_seed
 
     from .data import DomainCollator
     from .evaluation import evaluate_per_domain
-    from .recipes import build_model, build_training_args, uniform_twin
+    from .jsonfiles import write_json
+    from .recipes import build_model, build_training_args
+    from .redaction import pickle_without_credentials
 
-    run = uniform_twin(recipe) if uniform else recipe
-    args = build_training_args(run, output_dir)
+    run = (comparison_twin(recipe) if recipe.trainer == "dograph" else recipe) if uniform else recipe
+    # training_args.bin (a pickle of these arguments, in the run folder and each checkpoint) holds no token
+    args = pickle_without_credentials(build_training_args(run, output_dir))
     set_seed(args.seed)  # the same initial weights for a DoGraph run and its uniform twin
     model = build_model(run, tokenizer)
     domain_key = run.settings().domain_label_column if run.trainer == "dograph" else "domain"
@@ -144,14 +185,14 @@ def _train_one(recipe, data, tokenizer, output_dir: Path, uniform: bool, resume_
     if trainer.is_world_process_zero():
         output_dir.mkdir(parents=True, exist_ok=True)
         data.save_domain_names(output_dir)
-        (output_dir / "recipe.yaml").write_text(run.to_yaml(), encoding="utf-8")
+        (output_dir / "recipe.yaml").write_text(run.to_yaml(for_file=True), encoding="utf-8")
         summary = {"per_domain": result.to_dict(), "data": data.stats.to_dict()}
         if shares is not None:
             summary["dograph_weight_shares"] = {
                 name: {"share_of_samples": shares["data_share"][i], "share_of_weight": shares["dograph_weight"][i]}
                 for i, name in enumerate(data.domain_names)
             }
-        (output_dir / "per_domain_eval.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        write_json(output_dir / "per_domain_eval.json", summary)  # strict JSON: a NaN loss is written null
     if run.trainer == "dograph":
         # The DoGraph model card (README.md) reads the files just written; main process only.
         trainer.dograph_eval_result = result
@@ -159,16 +200,36 @@ def _train_one(recipe, data, tokenizer, output_dir: Path, uniform: bool, resume_
             trainer.create_model_card()
         except Exception as err:  # a card is a courtesy: never lose a finished run over it
             logger.warning("no model card written: %s", err)
-    if args.push_to_hub:
-        trainer.push_to_hub()  # every rank calls it; the Trainer uploads from the main process
     return trainer, result, shares
+
+
+def push_run(trainer, output_dir: Path) -> None:
+    """Publish a finished run: its folder less checkpoints, private files and nested runs (the uniform twin
+    of --compare-uniform: `hub.push_ignore_patterns`), to the repo the Trainer created (hub_* arguments)."""
+    from .hub import push_output_dir
+
+    finish = getattr(trainer, "_finish_current_push", None)
+    if callable(finish):  # checkpoint pushes still uploading (hub_strategy): let them land first
+        finish()
+    if not trainer.is_world_process_zero():
+        return
+    args = trainer.args
+    if not (output_dir / "README.md").is_file():
+        trainer.create_model_card()  # a uniform run: the Trainer's own card
+    created = getattr(trainer, "hub_model_id", None)  # the Trainer created the repo when it started
+    repo_id = created or args.hub_model_id or output_dir.resolve().name
+    info = push_output_dir(output_dir, repo_id, token=args.hub_token, private=args.hub_private_repo,
+                           revision=args.hub_revision, create_card=False, commit_message="End of training",
+                           create_repo=created is None)
+    _say(f"pushed {output_dir} to {getattr(info, 'commit_url', None) or repo_id}")
 
 
 def run_train(recipe, output_dir: Path, compare_uniform: bool = False, resume_from_checkpoint: str | None = None) -> dict:
     """Everything `hf-dograph train` does after parsing; returns the per-domain results by run label.
 
-    `resume_from_checkpoint` (or the recipe's training.resume_from_checkpoint): a checkpoint folder, or a
-    Hub reference USER/NAME[@REV][:SUBFOLDER], resumed by the first run (not by the uniform twin).
+    `resume_from_checkpoint` (or the recipe's training.resume_from_checkpoint): a complete checkpoint folder, or
+    a Hub reference hf://USER/NAME[@REV][:SUBFOLDER], resumed by the first run (not by the uniform twin).
+    With `training.push_to_hub`, the DoGraph run is pushed last (`push_run`), without the uniform twin.
     """
     from .data import build_domain_dataset, load_tokenizer
     from .evaluation import compare_table
@@ -177,9 +238,11 @@ def run_train(recipe, output_dir: Path, compare_uniform: bool = False, resume_fr
     check_resources(recipe)  # a Hub model/tokenizer/dataset that cannot be had fails here, not mid-run
     resume = resume_from_checkpoint or recipe.training.get("resume_from_checkpoint")
     if resume:
-        from .hub import resolve_checkpoint
+        from .run_folder import resume_checkpoint
 
-        resume = resolve_checkpoint(str(resume))  # a folder as is; a Hub reference is downloaded
+        # A folder as is (it must be a complete checkpoint); hf://USER/NAME... is downloaded. A bare USER/NAME
+        # that is not a folder is an error here, not a Hub lookup (a mistyped path must not fetch a stranger's repo).
+        resume = resume_checkpoint(output_dir, str(resume), bare_hub_ids=False, require_dograph_state=False)
     start = time.time()
     tokenizer = load_tokenizer(recipe.tokenizer.name, model_max_length=recipe.tokenizer.model_max_length or recipe.data.seq_len)
     args = build_training_args(recipe, output_dir)
@@ -193,11 +256,13 @@ def run_train(recipe, output_dir: Path, compare_uniform: bool = False, resume_fr
 
     results = {}
     label = "DoGraph" if recipe.trainer == "dograph" else "uniform"
-    _, results[label], shares = _train_one(
+    trainer, results[label], shares = _train_one(
         recipe, data, tokenizer, output_dir, uniform=recipe.trainer == "uniform", resume_from_checkpoint=resume
     )
     if compare_uniform and recipe.trainer == "dograph":
         _, results["uniform"], _ = _train_one(recipe, data, tokenizer, output_dir / "uniform", uniform=True)
+    if trainer.args.push_to_hub:  # last: the card, tables and the twin are all written by now
+        push_run(trainer, output_dir)
 
     if len(data.validation):
         _say(f"\n== per-domain validation loss / perplexity ({len(data.validation)} sequences)")
@@ -212,8 +277,27 @@ def run_train(recipe, output_dir: Path, compare_uniform: bool = False, resume_fr
 
 
 # ----------------------------------------------------------------------------- commands
+@contextlib.contextmanager
+def _sigterm_exits():
+    """SIGTERM (a scheduler stopping the job, torchrun stopping its workers) ends the run like Ctrl-C does:
+    through `finally` blocks, so the output folder's lock is released. Left alone if someone handles it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def cmd_train(ns) -> int:
     from .recipes import load_recipe
+    from .run_folder import claim_output_dir
 
     overrides = list(ns.set)
     if ns.push_to_hub:
@@ -221,12 +305,19 @@ def cmd_train(ns) -> int:
     if ns.hub_model_id:
         overrides.append(f"training.hub_model_id={ns.hub_model_id}")
     recipe = load_recipe(ns.recipe, overrides, smoke=ns.smoke)
-    output_dir = Path(ns.output_dir) if ns.output_dir else default_output_dir(recipe, ns.smoke)
     if ns.compare_uniform and recipe.trainer != "dograph":
         raise RecipeError(f"--compare-uniform needs a DoGraph recipe; {recipe.name!r} is already uniform")
+    output_dir = Path(ns.output_dir) if ns.output_dir else default_output_dir(recipe, ns.smoke)
+    resume = ns.resume_from_checkpoint or recipe.training.get("resume_from_checkpoint")
     from .distributed import shutdown
 
-    run_train(recipe, output_dir, compare_uniform=ns.compare_uniform, resume_from_checkpoint=ns.resume_from_checkpoint)
+    # The folder is ours for the whole command (both runs, the card, the push): refused if another run holds
+    # it (alive: its lock; finished: its files, unless --overwrite-output-dir or a resume). The main process
+    # holds the lock for all the processes of a launched run.
+    with _sigterm_exits(), claim_output_dir(output_dir, overwrite=ns.overwrite_output_dir, resume=bool(resume),
+                                            lock=_is_main_process(), how="cli"):
+        run_train(recipe, output_dir, compare_uniform=ns.compare_uniform,
+                  resume_from_checkpoint=ns.resume_from_checkpoint)
     shutdown()  # under torchrun/accelerate: every rank leaves together
     return 0
 
@@ -253,16 +344,24 @@ def cmd_show(ns) -> int:
 def cmd_eval(ns) -> int:
     """Per-domain validation loss/perplexity of a model (folder or Hub reference) on a recipe's validation split."""
     from .card import eval_command
+    from .hub import resolve_model
+    from .run_folder import model_folder_problem
 
+    # Which model, first: a missing or model-less folder is the error to report, not a missing --data.
+    # On the command line a Hub model is written hf://USER/NAME (a bare USER/NAME must be a folder).
+    model_dir = resolve_model(ns.model, token=ns.token, bare_hub_ids=False)
+    problem = model_folder_problem(model_dir)
+    if problem is not None:
+        raise problem
     data = ns.data
     if data is None:
-        saved = Path(ns.model) / "recipe.yaml"
+        saved = Path(model_dir) / "recipe.yaml"
         if not saved.is_file():
             raise RecipeError(f"--data is missing: {ns.model} has no recipe.yaml; name a recipe (e.g. --data tiny)")
         data = str(saved)
     table, summary = eval_command(
-        ns.model, data, tokenizer=ns.tokenizer, batch_size=ns.batch_size, device=ns.device, json_path=ns.json,
-        token=ns.token,
+        model_dir, data, tokenizer=ns.tokenizer, batch_size=ns.batch_size, device=ns.device, json_path=ns.json,
+        token=ns.token, label=ns.model,
     )
     print(table)
     if ns.json:
@@ -272,12 +371,16 @@ def cmd_eval(ns) -> int:
 
 def cmd_push(ns) -> int:
     """Upload a run folder (weights, tokenizer, DoGraph card and state, plots) to the Hub."""
+    from .folder_lock import FolderLock
     from .hub import push_output_dir
 
-    info = push_output_dir(
-        ns.output_dir, ns.repo_id, private=ns.private or None, token=ns.token, revision=ns.revision,
-        include_checkpoints=ns.include_checkpoints, create_pr=ns.create_pr,
-    )
+    if not Path(ns.output_dir).is_dir():
+        raise InputFileError(ns.output_dir, "no such folder", "push a run's output folder (e.g. outputs/tiny)")
+    with FolderLock(ns.output_dir):  # not a folder a run is still writing: and no run starts there mid-push
+        info = push_output_dir(
+            ns.output_dir, ns.repo_id, private=ns.private or None, token=ns.token, revision=ns.revision,
+            include_checkpoints=ns.include_checkpoints, create_pr=ns.create_pr,
+        )
     print(f"pushed {ns.output_dir} to {getattr(info, 'commit_url', None) or ns.repo_id}")
     return 0
 
@@ -312,7 +415,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also train the recipe's uniform twin (plain Trainer, same data, seed and "
                        "hyper-parameters) into OUTPUT_DIR/uniform, and print both side by side")
     train.add_argument("--resume-from-checkpoint", default=None, metavar="PATH_OR_REF",
-                       help="resume a run: a checkpoint folder or a Hub reference USER/NAME[@REV][:SUBFOLDER]")
+                       help="resume a run: a checkpoint folder (complete: its trainer_state.json, weights) or a Hub "
+                       "reference hf://USER/NAME[@REV][:SUBFOLDER] (the hf:// prefix is required: a bare USER/NAME "
+                       "that is not a folder is an error, never a download)")
+    train.add_argument("--overwrite-output-dir", action="store_true",
+                       help="train into an output folder that holds another (finished or stopped) run, writing over "
+                       "it; without it such a folder is refused. A folder a live run is using is always refused")
     train.add_argument("--push-to-hub", action="store_true",
                        help="upload the result with its DoGraph model card (training.push_to_hub=true; hub_* fields apply)")
     train.add_argument("--hub-model-id", default=None, metavar="USER/NAME", help="training.hub_model_id")
@@ -328,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.set_defaults(func=cmd_show)
 
     ev = sub.add_parser("eval", help="per-domain validation loss/perplexity (mean and worst) of a model")
-    ev.add_argument("model", help="a model folder (e.g. outputs/tiny) or a Hub reference USER/NAME[@REV][:SUBFOLDER]")
+    ev.add_argument("model", help="a model folder (e.g. outputs/tiny) or a Hub reference hf://USER/NAME[@REV][:SUBFOLDER]")
     ev.add_argument("--data", default=None,
                     help="a recipe name or YAML file whose data section (and validation split) is used "
                     "(default: MODEL/recipe.yaml, as `hf-dograph train` saves it)")
@@ -357,8 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return ns.func(ns)
-    except (RecipeError, DataError, HubAccessError, HubReferenceError) as err:
-        print(f"hf-dograph: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"hf-dograph: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
 
 

@@ -8,6 +8,7 @@ defaults below) and so that each field is documented once.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -15,6 +16,8 @@ from transformers import TrainingArguments
 BUILTIN_OBJECTIVES = ("uncertainty", "variance", "robust", "alignment")
 GRAD_ENGINES = ("factored", "opacus")
 STRATEGIES = ("dograph", "uniform", "loss_reweighting", "group_dro")
+DOMAIN_MODES = ("persistent", "per_batch")
+WEIGHT_MAPPINGS = ("sample", "domain")
 
 
 @dataclass
@@ -32,7 +35,18 @@ class DoGraphSettings:
     )
     num_domains: int = field(
         default=11,
-        metadata={"help": "m, the number of model-perceived domains (K-means clusters) per step. Paper: 11."},
+        metadata={"help": "m, the number of model-perceived domains (K-means clusters). Paper: 11."},
+    )
+    domain_mode: str = field(
+        default="persistent",
+        metadata={
+            "help": "'persistent' (default): domains fitted on a window of recent samples, kept across steps, "
+            "with statistics from many samples and smoothed weights; every sample is weighted by the domain "
+            "model as it stood at the start of the optimizer step. 'per_batch': the paper read literally, "
+            "K-means on each micro-batch and α_i = w_j / n_j (see docs/METHOD_NOTES.md for why it is not the "
+            "default).",
+            "choices": list(DOMAIN_MODES),
+        },
     )
     projection_dim: int = field(
         default=1024,
@@ -89,13 +103,52 @@ class DoGraphSettings:
         default=500, metadata={"help": "Iterations of the projected-gradient simplex solver (QP objectives)."}
     )
     kmeans_n_init: int = field(default=3, metadata={"help": "K-means restarts per clustering (best inertia kept)."})
-    kmeans_max_iter: int = field(default=100, metadata={"help": "Maximum Lloyd iterations per K-means run."})
-    domain_refit_steps: int = field(
-        default=1,
+    kmeans_max_iter: int = field(
+        default=30,
+        metadata={"help": "Lloyd iterations per K-means run (persistent domains run exactly this many, on the "
+                  "model's device; per_batch stops earlier at convergence)."},
+    )
+    domain_refit_steps: int | None = field(
+        default=None,
         metadata={
-            "help": "Online domains: 1 re-clusters every micro-batch; N > 1 keeps the centroids and assigns new "
-            "batches to them, refitting every N optimizer steps."
+            "help": "Persistent domains: optimizer steps between K-means refits on the window (None: 20). "
+            "'per_batch' re-clusters every micro-batch and takes only None or 1."
         },
+    )
+    domain_window: int = field(
+        default=512,
+        metadata={"help": "Persistent domains: how many recent samples (from all ranks) the domains and their "
+                  "statistics are estimated from."},
+    )
+    domain_warmup_samples: int = field(
+        default=256,
+        metadata={"help": "Persistent domains: samples seen before the first fit; until then every weight is "
+                  "uniform (logged as dograph/warmup = 1)."},
+    )
+    variance_shrinkage: float = field(
+        default=8.0,
+        metadata={"help": "κ ≥ 0: each domain's σ² is shrunk toward the pooled σ² as if κ samples of pooled "
+                  "variance were added: (ν_j σ²_j + κ σ²_pool) / (ν_j + κ), ν_j = n_j − 1."},
+    )
+    weight_smoothing: float = field(
+        default=0.1,
+        metadata={"help": "β in (0, 1]: domain weights follow an exponential moving average, w ← (1-β)·w + "
+                  "β·w_new, once per optimizer step (1 = no smoothing)."},
+    )
+    weight_mapping: str | None = field(
+        default=None,
+        metadata={
+            "help": "How domain weights become sample weights. 'sample': a sample's weight is proportional to "
+            "its domain's w_j (a domain's share of the step is then its frequency × w_j). 'domain': a domain's "
+            "share is w_j itself (α_i = w_j / n_j, the paper's form). None: 'sample' for persistent domains, "
+            "'domain' for per_batch (the paper read literally).",
+            "choices": list(WEIGHT_MAPPINGS),
+        },
+    )
+    nonfinite_step_limit: int = field(
+        default=5,
+        metadata={"help": "Training stops with a message after this many consecutive optimizer steps in which "
+                  "no sample had a finite loss and gradient (a NaN model is never trained on or saved)."},
     )
     domain_label_column: str = field(
         default="domain",
@@ -113,10 +166,11 @@ class DoGraphSettings:
 
     def validate_dograph(self) -> None:
         """Raise a `ValueError` that names the field and the fix for any bad DoGraph setting."""
-        if self.mixing_strategy not in STRATEGIES:
-            raise ValueError(
-                f"mixing_strategy={self.mixing_strategy!r} is unknown: use one of {', '.join(STRATEGIES)}."
-            )
+        for name, allowed in (("mixing_strategy", STRATEGIES), ("grad_engine", GRAD_ENGINES),
+                              ("domain_mode", DOMAIN_MODES), ("weight_mapping", WEIGHT_MAPPINGS + (None,))):
+            if getattr(self, name) not in allowed:
+                choices = ', '.join(repr(a) for a in allowed)
+                raise ValueError(f"{name}={getattr(self, name)!r} is unknown: use one of {choices}.")
         from .objectives import OBJECTIVE_SOLVERS  # the registry: users may add their own objectives
 
         if self.objective not in OBJECTIVE_SOLVERS:
@@ -124,25 +178,49 @@ class DoGraphSettings:
                 f"objective={self.objective!r} is unknown: use one of {', '.join(OBJECTIVE_SOLVERS)} "
                 "(or register yours in hf_dograph.objectives.OBJECTIVE_SOLVERS)."
             )
-        if self.grad_engine not in GRAD_ENGINES:
-            raise ValueError(f"grad_engine={self.grad_engine!r} is unknown: use one of {', '.join(GRAD_ENGINES)}.")
-        if int(self.num_domains) < 1:
-            raise ValueError(f"num_domains={self.num_domains} must be >= 1 (the paper uses 11).")
-        if int(self.projection_dim) < 1:
-            raise ValueError(f"projection_dim={self.projection_dim} must be >= 1 (e.g. 1024).")
+        # Every number must be finite: an inf passes "> 0" and then breaks the first step.
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name}={value} must be a finite number.")
+        integers = ("num_domains", "projection_dim", "alignment_iters", "solver_iters", "kmeans_n_init",
+                    "kmeans_max_iter", "domain_window", "nonfinite_step_limit")
+        for name in integers:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
         positive = ("uncertainty_eps", "robust_temperature", "loss_reweighting_temperature", "group_dro_step_size")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
-        if self.graph_lambda < 0:
-            raise ValueError(f"graph_lambda={self.graph_lambda} must be >= 0 (0 turns the graph term off).")
-        if self.variance_penalty < 0:
-            raise ValueError(f"variance_penalty={self.variance_penalty} must be >= 0.")
+        for name in ("graph_lambda", "variance_penalty", "variance_shrinkage"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0.")
         if not 0.0 <= self.uniform_mix <= 1.0:
             raise ValueError(f"uniform_mix={self.uniform_mix} must be in [0, 1].")
-        for name in ("alignment_iters", "solver_iters", "kmeans_n_init", "kmeans_max_iter", "domain_refit_steps"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1.")
+        if not 0.0 < self.weight_smoothing <= 1.0:
+            raise ValueError(f"weight_smoothing={self.weight_smoothing} must be in (0, 1] (1 = no smoothing).")
+        if self.domain_warmup_samples < 0:
+            raise ValueError(f"domain_warmup_samples={self.domain_warmup_samples} must be >= 0.")
+        if self.domain_refit_steps is not None:
+            if int(self.domain_refit_steps) < 1:
+                raise ValueError(f"domain_refit_steps={self.domain_refit_steps} must be >= 1 (or None: 20).")
+            if self.domain_mode == "per_batch" and int(self.domain_refit_steps) != 1:
+                raise ValueError(
+                    f"domain_refit_steps={self.domain_refit_steps} needs domain_mode='persistent': 'per_batch' "
+                    "re-clusters every micro-batch. Use domain_mode='persistent' for domains kept across steps."
+                )
+
+    @property
+    def refit_steps(self) -> int:
+        """Optimizer steps between refits of the persistent domains (the resolved `domain_refit_steps`)."""
+        return 20 if self.domain_refit_steps is None else int(self.domain_refit_steps)
+
+    @property
+    def mapping(self) -> str:
+        """The resolved `weight_mapping`: 'sample' or 'domain'."""
+        if self.weight_mapping is not None:
+            return self.weight_mapping
+        return "sample" if self.domain_mode == "persistent" else "domain"
 
     @classmethod
     def from_args(cls, args) -> DoGraphSettings:

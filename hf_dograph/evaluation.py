@@ -8,7 +8,6 @@ Sums are taken in float64 so the result does not depend on the batch size.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -75,8 +74,10 @@ class PerDomainResult:
         }
 
     def save(self, path) -> None:
-        with open(path, "w", encoding="utf-8") as handle:
-            json.dump(self.to_dict(), handle, indent=2)
+        """Write `to_dict()` as strict JSON (a domain without tokens has loss and perplexity null)."""
+        from .jsonfiles import write_json
+
+        write_json(path, self.to_dict())
 
     def to_table(self, title: str | None = None) -> str:
         """A plain-text table: one row per domain, then the mean over domains and the worst one."""

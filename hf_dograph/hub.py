@@ -1,11 +1,26 @@
 """Hub round trip: push a run folder with its DoGraph card, pull models and checkpoints back.
 
-References to something on the Hub are written `REPO_ID[@REVISION][:SUBFOLDER]`, e.g.
-`me/tiny-dograph`, `me/tiny-dograph@v1`, `me/tiny-dograph:last-checkpoint`,
-`me/tiny-dograph@0123abcd...:checkpoint-500`. A string naming an existing local folder is always
-that folder.
+References to something on the Hub are written `[hf://]REPO_ID[@REVISION][:SUBFOLDER]`, e.g.
+`hf://me/tiny-dograph`, `me/tiny-dograph@v1`, `me/tiny-dograph:last-checkpoint`,
+`me/tiny-dograph@0123abcd...:checkpoint-500`.
 
-- `push_output_dir(output_dir, repo_id)`: what `hf-dograph push` does (the card is regenerated first).
+Local path or Hub reference? (`locate`)
+
+1. A string naming an existing local path is always that path.
+2. `hf://USER/NAME[@REV][:SUBFOLDER]` is always a Hub reference.
+3. A string that looks like a local path and does not exist is an error ("no such folder"), never a
+   Hub lookup: it starts with `.`, `/`, `~` or a drive letter, holds a backslash, has more than one
+   `/` before its `@`/`:` part, ends with `/`, its first component is an existing local folder
+   (`outputs/chekpoint-5`), or its last one is named like a checkpoint (`checkpoint-N`, `last-checkpoint`).
+4. Any other bare `USER/NAME[@REV][:SUBFOLDER]` is a Hub reference only where bare ids are allowed:
+   the Python API (`resolve_checkpoint`, `resolve_model`, `train(resume_from_checkpoint="me/run")`),
+   where existing scripts pass them; the command line (`--resume-from-checkpoint`, `hf-dograph eval`)
+   needs the `hf://` prefix, so a mistyped folder such as `some/typo` is reported as a missing folder
+   instead of being downloaded from someone else's repo (or failing with `OfflineModeIsEnabled`).
+
+- `push_output_dir(output_dir, repo_id)`: what `hf-dograph push` does (the card is regenerated first); what
+  is left out of a push (checkpoints, private files, nested runs such as `uniform/`): `push_ignore_patterns`.
+- `locate(ref)`: ("local", path) or ("hub", HubRef), by the rules above.
 - `resolve_checkpoint(ref)`: a local folder holding a Trainer checkpoint (downloaded if `ref` is on the
   Hub; with no subfolder given, the repo's root if it is a checkpoint, else `last-checkpoint/` as
   `hub_strategy="checkpoint"` pushes it, else its highest `checkpoint-N/`).
@@ -23,10 +38,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import InputFileError
+
 TRAINER_STATE = "trainer_state.json"
 _REF = re.compile(r"^(?:hf://)?(?P<repo>[\w.-]+(?:/[\w.-]+)?)(?:@(?P<rev>[^:@]+))?(?::(?P<sub>[^:@]+))?$")
-#: Never pushed: the Trainer's private files and the intermediate checkpoints (as `Trainer.push_to_hub`).
-PUSH_IGNORE = ["_*", "checkpoint-*", "*.tmp"]
+#: Never pushed: the Trainer's private files (and our lock file), the intermediate checkpoints (as
+#: `Trainer.push_to_hub`), at any depth, and unfinished writes. Nested runs are left out too (`push_ignore_patterns`).
+PUSH_IGNORE = ["_*", "*/_*", "checkpoint-*", "*/checkpoint-*", "*.tmp", "*/.*.tmp", ".*.tmp"]
 #: Not needed to load a model with transformers: other frameworks' weights and exports.
 MODEL_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.tflite", "coreml/*", "*.gguf", "*.mlmodel"]
 
@@ -44,6 +62,54 @@ class HubRef:
     def __str__(self) -> str:
         rev = f"@{self.revision}" if self.revision else ""
         return self.repo_id + rev + (f":{self.subfolder}" if self.subfolder else "")
+
+
+_CHECKPOINT_NAME = re.compile(r"^(checkpoint-\d+|last-checkpoint)$")
+
+
+def looks_local(value: str) -> bool:
+    """Whether `value` reads as a local path rather than a Hub id (rule 3 of the module docstring)."""
+    text = str(value).strip()
+    if not text or text.startswith("hf://"):
+        return False
+    if text.startswith((".", "/", "~", "\\")) or "\\" in text or re.match(r"^[A-Za-z]:", text):
+        return True
+    base = re.split(r"[@:]", text, maxsplit=1)[0]
+    parts = base.split("/")
+    if base.endswith("/") or len(parts) > 2:
+        return True
+    if len(parts) == 2 and os.path.isdir(parts[0]):
+        return True
+    return bool(_CHECKPOINT_NAME.match(parts[-1]))
+
+
+def _no_such_path(value: str, hint_hub: bool) -> HubReferenceError:
+    full = os.path.abspath(os.path.expanduser(value))
+    parent = Path(full).parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    fix = f"check the path (the nearest existing folder is {parent})"
+    if hint_hub:
+        fix += f"; if you mean the Hub repo, write hf://{value}"
+    else:
+        fix += "; a Hub repo is written hf://USER/NAME[@REVISION][:SUBFOLDER]"
+    return HubReferenceError(f"{value}: no such file or folder ({full}). Fix: {fix}")
+
+
+def locate(value: str, *, bare_hub_ids: bool = True) -> tuple[str, "str | HubRef"]:
+    """("local", path) or ("hub", HubRef) for a string naming a checkpoint or a model, by the rules of the
+    module docstring; `HubReferenceError` (one line, with the fix) for a missing path or a bad reference."""
+    text = str(value).strip()
+    if os.path.exists(os.path.expanduser(text)) and not text.startswith("hf://"):
+        return "local", os.path.expanduser(text)
+    if text.startswith("hf://"):
+        return "hub", parse_hub_reference(text)
+    if looks_local(text):
+        raise _no_such_path(text, hint_hub=False)
+    ref = parse_hub_reference(text)
+    if not bare_hub_ids:
+        raise _no_such_path(text, hint_hub=True)
+    return "hub", ref
 
 
 def parse_hub_reference(ref: str) -> HubRef:
@@ -108,15 +174,19 @@ def _download(ref: HubRef, subfolder: str | None, token, cache_dir, local_dir, i
 
 
 def resolve_checkpoint(path_or_ref: str, *, token: str | None = None, cache_dir: str | None = None,
-                       local_dir: str | None = None) -> str:
+                       local_dir: str | None = None, bare_hub_ids: bool = True) -> str:
     """A local folder holding a Trainer checkpoint, for `train(resume_from_checkpoint=...)`.
 
     An existing folder is returned as is. A Hub reference is downloaded (only the checkpoint's subfolder) to
-    the Hub cache, or to `local_dir`; see the module docstring for how the subfolder is chosen.
+    the Hub cache, or to `local_dir`; see the module docstring for how the subfolder is chosen and for which
+    strings are Hub references (`bare_hub_ids=False`: only `hf://...`, as on the command line).
     """
-    if os.path.isdir(str(path_or_ref)):
-        return str(path_or_ref)
-    ref = parse_hub_reference(path_or_ref)
+    kind, ref = locate(path_or_ref, bare_hub_ids=bare_hub_ids)
+    if kind == "local":
+        if not os.path.isdir(ref):
+            raise HubReferenceError(f"{path_or_ref} is a file, not a checkpoint folder. Fix: name the checkpoint-N "
+                                    "folder that holds it")
+        return ref
     subfolder = ref.subfolder
     if subfolder is None:
         files = _list_files(ref, token)
@@ -140,12 +210,13 @@ def resolve_checkpoint(path_or_ref: str, *, token: str | None = None, cache_dir:
 
 
 def resolve_model(path_or_ref: str, *, token: str | None = None, cache_dir: str | None = None,
-                  local_dir: str | None = None) -> str:
+                  local_dir: str | None = None, bare_hub_ids: bool = True) -> str:
     """A local folder holding a model (weights, config, tokenizer): the folder itself, or a download of the
-    Hub reference without its checkpoint folders, TensorBoard runs and other frameworks' weights."""
-    if os.path.isdir(str(path_or_ref)):
-        return str(path_or_ref)
-    ref = parse_hub_reference(path_or_ref)
+    Hub reference without its checkpoint folders, TensorBoard runs and other frameworks' weights
+    (`bare_hub_ids`: see `resolve_checkpoint`)."""
+    kind, ref = locate(path_or_ref, bare_hub_ids=bare_hub_ids)
+    if kind == "local":
+        return ref
     ignore = MODEL_IGNORE + ([] if ref.subfolder else ["checkpoint-*", "last-checkpoint/*", "runs/*"])
     return _download(ref, ref.subfolder, token, cache_dir, local_dir, ignore=ignore)
 
@@ -161,29 +232,52 @@ def push_output_dir(
     create_card: bool | None = None,
     include_checkpoints: bool = False,
     create_pr: bool = False,
+    create_repo: bool = True,
 ):
     """`hf-dograph push OUTPUT_DIR --repo-id USER/NAME`: create the repo if needed and upload the folder.
 
     The card (README.md) and plots are regenerated from the folder's files first, unless the folder holds a
     README.md that hf_dograph did not write (`create_card=None`, the default); True always writes it, False
-    never. `checkpoint-*` folders are left out unless `include_checkpoints`. Returns the `CommitInfo`.
+    never. `checkpoint-*` folders are left out unless `include_checkpoints`, and so are nested runs (the
+    `uniform/` twin of `--compare-uniform`: see `push_ignore_patterns`). `create_repo=False` when the repo is
+    known to exist. Returns the `CommitInfo`.
     """
     from huggingface_hub import HfApi
 
     from .card import is_dograph_card, write_model_card
+    from .run_folder import model_folder_problem
 
     out = Path(output_dir)
     if not out.is_dir():
-        raise FileNotFoundError(f"{out} is not a folder: push a run's output directory")
-    if not any((out / f).is_file() for f in ("config.json", "adapter_config.json")):
-        raise FileNotFoundError(f"{out} holds no config.json or adapter_config.json: is it a saved model folder?")
+        raise InputFileError(out, "no such folder", "push a run's output folder (e.g. outputs/tiny)")
+    problem = model_folder_problem(out)
+    if problem is not None:
+        raise problem
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, private=private, exist_ok=True, token=token)
+    if create_repo:  # False: the repo exists (e.g. the Trainer created it), skip a round trip
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
     readme = out / "README.md"
     if create_card or (create_card is None and (not readme.exists() or is_dograph_card(readme))):
-        write_model_card(out, repo_id=url.repo_id)
-    ignore = [p for p in PUSH_IGNORE if not (include_checkpoints and p == "checkpoint-*")]
+        write_model_card(out, repo_id=repo_id)
+    ignore = push_ignore_patterns(out, include_checkpoints=include_checkpoints)
     return api.upload_folder(
-        repo_id=url.repo_id, folder_path=str(out), commit_message=commit_message, token=token, revision=revision,
+        repo_id=repo_id, folder_path=str(out), commit_message=commit_message, token=token, revision=revision,
         ignore_patterns=ignore, create_pr=create_pr,
     )
+
+
+def nested_runs(output_dir: str | os.PathLike) -> list[str]:
+    """Sub-folders of a run folder that are runs of their own (e.g. `uniform/`, the twin of `--compare-uniform`):
+    they hold a model, a Trainer state or checkpoints, and are not the run's own `checkpoint-N` / `last-checkpoint`."""
+    from .run_folder import run_files
+
+    out = Path(output_dir)
+    return sorted(p.name for p in out.iterdir()
+                  if p.is_dir() and not _CHECKPOINT_NAME.match(p.name) and run_files(p)) if out.is_dir() else []
+
+
+def push_ignore_patterns(output_dir: str | os.PathLike, include_checkpoints: bool = False) -> list[str]:
+    """What a push of `output_dir` leaves out: `PUSH_IGNORE` (less the top-level `checkpoint-*` with
+    `include_checkpoints`) and every nested run: only the published model's files go to the Hub."""
+    ignore = [p for p in PUSH_IGNORE if not (include_checkpoints and p == "checkpoint-*")]
+    return ignore + [f"{name}/*" for name in nested_runs(output_dir)]

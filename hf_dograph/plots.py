@@ -26,7 +26,7 @@ to a TensorBoard run.
 
 from __future__ import annotations
 
-import json
+import logging
 import math
 import os
 from collections import OrderedDict
@@ -53,11 +53,23 @@ def domain_names_from(output_dir: str | os.PathLike | None) -> list[str] | None:
     """Human domain names from `domain_names.json` in a run folder (written by the CLI), if any."""
     if output_dir is None:
         return None
+    from .errors import InputFileError
+    from .jsonfiles import read_json
+
     path = Path(output_dir) / "domain_names.json"
     if not path.is_file():
         return None
-    names = json.loads(path.read_text(encoding="utf-8"))
-    return [str(n) for n in names] if isinstance(names, list) else None
+    try:
+        names = read_json(path, what="list of domain names",
+                          fix="rewrite it as a JSON list of names in domain-id order, or delete it (domains are then "
+                          "called 'domain 0', 'domain 1'...)")
+    except InputFileError as err:  # names are a courtesy of plots and cards: never lose a finished run over them
+        logging.getLogger(__name__).warning("%s (the plots and the card say 'domain 0', 'domain 1'... instead)", err)
+        return None
+    if not isinstance(names, list):
+        logging.getLogger(__name__).warning("%s: not a JSON list of names, ignored", path)
+        return None
+    return [str(n) for n in names]
 
 
 def _human_name(names: list[str] | None, d: int) -> str:

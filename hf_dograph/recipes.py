@@ -82,8 +82,14 @@ class Recipe:
     raw: dict
     path: Path | None = None
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.raw, sort_keys=False, allow_unicode=True)
+    def to_yaml(self, for_file: bool = False) -> str:
+        """The recipe as YAML, without credentials (`hub_token` and the like: `redaction`), so that neither
+        `hf-dograph show` nor a saved `recipe.yaml` holds one. `for_file`: also write the home directory as
+        `~` (recipes read it back), as the CLI saves it beside a run."""
+        from .redaction import home_relative, redact
+
+        raw = redact(self.raw)
+        return yaml.safe_dump(home_relative(raw) if for_file else raw, sort_keys=False, allow_unicode=True)
 
     def settings(self) -> DoGraphSettings:
         return DoGraphSettings(**self.dograph)
@@ -130,12 +136,25 @@ def find_recipe(name_or_path: str) -> Path | None:
 
 
 def _read_yaml(path: Path) -> dict:
+    """A recipe file's mapping; `RecipeError` naming the file, the line and the fix when it cannot be read."""
+    data = path.read_bytes()
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise RecipeError(f"recipe {path}, line {line} (byte offset {err.start}): not UTF-8 text (byte "
+                          f"0x{data[err.start]:02x}). Fix: save the file as UTF-8") from None
+    try:
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path}: not valid YAML: {err}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())
+        raise RecipeError(f"recipe {path}{where}: not valid YAML ({problem}). Fix: correct that line (`key: value`, "
+                          "nested keys indented with spaces, no tabs)") from None
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections")
+        raise RecipeError(f"recipe {path}: the top level must be a mapping of sections. Fix: write it as "
+                          "`model:`, `data:`, `training:`... sections (see recipes/tiny.yaml)")
     return raw
 
 
@@ -444,10 +463,14 @@ def parse_recipe(raw: dict, name: str, path: Path | None = None) -> Recipe:
     if not raw.get("model"):
         raise RecipeError(f"recipe {recipe!r}: the model section is missing")
     model = _check_model(recipe, raw["model"])
+    if isinstance(model.name_or_path, str) and model.name_or_path.startswith("~"):
+        model.name_or_path = os.path.expanduser(model.name_or_path)  # saved recipes write the home as ~
 
     tok = raw.get("tokenizer") or {}
     _check_keys(recipe, "tokenizer", tok, [f.name for f in dataclasses.fields(TokenizerSpec)])
     tokenizer = TokenizerSpec(**tok)
+    if isinstance(tokenizer.name, str) and tokenizer.name.startswith("~"):
+        tokenizer.name = os.path.expanduser(tokenizer.name)
 
     data_raw = raw.get("data") or {}
     _check_keys(recipe, "data", data_raw, [f.name for f in dataclasses.fields(DataSpec)])

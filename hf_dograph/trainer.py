@@ -1,19 +1,21 @@
-"""`DoGraphTrainer`: `transformers.Trainer` whose training step weights samples by model-perceived domains.
+"""`DoGraphTrainer`: `transformers.Trainer` whose training step weights each sample by its model-perceived domain.
 
-Swap `Trainer` for `DoGraphTrainer` in an existing script and each micro-batch goes through
-METHOD.md's step, top to bottom in `training_step`:
+Swap `Trainer` for `DoGraphTrainer` in an existing script. Every micro-batch goes through `training_step`,
+top to bottom:
 
-  1. per-sample losses ℓ_i and (through the engine) per-sample gradient sketches z_i;
-  2. K-means on the z_i → domains; their statistics (sizes, σ², losses);
-  3. domain weights w on the simplex from the objective (+ graph term);
-  4. α_i = w_{c(i)} / n_{c(i)} and the exact gradient Σ_i α_i g_i added into `.grad`.
+  1. the Trainer's own loss, one term per sample: L = Σ_i μ_i ℓ_i (`trainer_objective.py`), and, through the
+     engine, a sketch z_i of each sample's gradient ∇ℓ_i (one forward, one backward);
+  2. each sample's weight v_i from the strategy (`weighting.py`): by default the persistent domain model
+     (`domain_model.py`) as it stood when the optimizer step began — nearest domain of z_i, that domain's
+     weight; v ≡ 1 is the plain Trainer;
+  3. the exact gradient of Σ_i v_i μ_i ℓ_i added into `.grad` (mixed-precision loss scaling included);
+  4. after the optimizer step's last micro-batch: the gradients summed over ranks, the domain model updated.
 
-Clipping, the optimizer, the scheduler, logging and checkpointing are the Trainer's own.
+Clipping, the optimizer (and its GradScaler), the scheduler, logging and checkpointing are the Trainer's own.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 from collections import defaultdict
@@ -26,86 +28,115 @@ from .card import DoGraphCardMixin
 from .checkpointing import DoGraphCheckpointMixin
 from .config import DoGraphSettings
 from .distributed import all_reduce_gradients, gather_rows, is_distributed, no_sync
-from .domains import DomainFinder, domain_statistics, normalized_mutual_information
-from .losses import IGNORE_INDEX, causal_lm_per_sample_loss, classification_per_sample_loss
 from .sketch import LossOnlyEngine, build_engine
+from .trainer_objective import SampleTerms, TrainerObjective
+from .weighting import MicroBatch, PerBatchDoGraph, SampleWeights, build_strategy
 
 logger = logging.getLogger(__name__)
 
 
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced no finite loss or gradient for `nonfinite_step_limit` optimizer steps in a row."""
+
+
 @dataclass
 class DoGraphStepRecord:
-    """What DoGraph decided for the last micro-batch (`trainer.dograph_last`).
+    """What DoGraph decided for the last micro-batch (`trainer.dograph_last`); tensors, on the model's device.
 
-    Samples left out of the step (non-finite loss or gradient) have assignment -1 and weight 0.
+    Samples left out of the step (non-finite loss or gradient, or no label) have assignment -1 and weight 0.
     """
 
-    assignments: torch.Tensor  # LongTensor[B]: model domain of each sample (-1: left out)
-    domain_weights: torch.Tensor  # Tensor[m]: w on the simplex
-    sample_weights: torch.Tensor  # Tensor[B]: α, sums to 1 over the samples kept
-    sigma2: torch.Tensor  # Tensor[m]: intra-domain variance of the sketches
-    losses: torch.Tensor  # Tensor[B]: per-sample losses ℓ_i
-    cluster_sizes: torch.Tensor  # LongTensor[m]
-    domain_losses: torch.Tensor  # Tensor[m]
-    objective_value: float = float("nan")
-    num_nonfinite: int = 0
-    human_domains: torch.Tensor | None = None  # LongTensor[B] if the batch carried them
+    assignments: torch.Tensor  # (S,) model domain of each sample (-1: left out / none)
+    sample_weights: torch.Tensor  # (S,) α_i = v_i μ_i, what multiplies each ℓ_i in the backward
+    multipliers: torch.Tensor  # (S,) v_i (1 = the Trainer's weight)
+    losses: torch.Tensor  # (S,) ℓ_i
+    shares: torch.Tensor  # (S,) μ_i, each sample's share of the Trainer's loss
+    domain_weights: torch.Tensor | None = None  # (m,) w on the simplex (None: no domains yet / a baseline)
+    cluster_sizes: torch.Tensor | None = None
+    sigma2: torch.Tensor | None = None
+    domain_losses: torch.Tensor | None = None
+    objective_value: torch.Tensor | None = None
+    warmup: bool = False
+    human_domains: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
 
-def _entropy(w: torch.Tensor) -> float:
-    w = w[w > 0].double()
-    return float(-(w * w.log()).sum())
-
-
 class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
-    """A `transformers.Trainer` that applies DoGraph's weighted gradient at every training step.
+    """A `transformers.Trainer` that reweights each sample's share of its own loss by DoGraph's domains.
 
-    Takes the same arguments as `Trainer`. `args` may be a `DoGraphConfig` (TrainingArguments + DoGraph
-    settings) or a plain `TrainingArguments`, in which case DoGraph's defaults apply.
+    Takes the same arguments as `Trainer`, plus:
 
-    After each step `trainer.dograph_last` holds a `DoGraphStepRecord`; every logging step adds DoGraph's
+    - `per_sample_loss_func`: needed only with `compute_loss_func` or an own `compute_loss`:
+      f(outputs, labels, num_items_in_batch=None) → (batch,) tensor of per-sample terms summing to the loss.
+
+    `args` may be a `DoGraphConfig` (TrainingArguments + DoGraph settings) or a plain `TrainingArguments`
+    (DoGraph's defaults apply). With `mixing_strategy="uniform"` (or during the warm-up) the update and the
+    logged loss are the plain Trainer's.
+
+    After each micro-batch `trainer.dograph_last` holds a `DoGraphStepRecord`; every logging step adds DoGraph's
     metrics (`dograph/*`) to the Trainer's logs, so TensorBoard/W&B receive them.
     """
 
-    # training_step returns the batch's mean per-sample loss; the Trainer expects it divided by the number
-    # of accumulation steps, which training_step does itself.
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, per_sample_loss_func=None, **kwargs):
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         # Validate DoGraph settings before the (slow) Trainer set-up, so bad input fails at once.
         self.dograph_settings = (
             DoGraphSettings.from_args(training_args) if training_args is not None else DoGraphSettings()
         )
         super().__init__(*args, **kwargs)
+        self._refuse_unsupported_setups()
+        s = self.dograph_settings
+        self.dograph_strategy = build_strategy(s)
+        self.dograph_last: DoGraphStepRecord | None = None
+        self.dograph_history: list[dict] = []
+        self._metrics: dict[str, list] = defaultdict(list)
+        self._engine = None
+        self._fallback_engine = None
+        self._per_sample_loss_func = per_sample_loss_func
+        self._objective: TrainerObjective | None = None
+        self._step = _StepAccumulator()
+        self._pending_history: list[dict] = []
+        self._nonfinite_run = 0  # consecutive optimizer steps without a finite sample
+        self._nonfinite_samples_since_log = 0
+        self._nonfinite_steps_since_log = 0
+        self._steps_since_log = 0
+        if self.model is not None:  # with model_init the model (and its checks) come with train()
+            self._check_setup()
+
+    def _check_setup(self) -> None:
+        """Everything that can be refused is refused here, at construction, not at the first step."""
+        from transformers import DataCollatorWithFlattening
+
+        from .sketch.checks import check_training_setup
+
+        self.trainer_objective  # noqa: B018 - a loss without a per-sample form fails here
+        if self.dograph_strategy.needs_sketches:
+            check_training_setup(
+                self.dograph_settings.grad_engine, self.accelerator.unwrap_model(self.model),
+                gradient_checkpointing=bool(self.args.gradient_checkpointing),
+                gradient_checkpointing_kwargs=self.args.gradient_checkpointing_kwargs,
+                packed_sequences=isinstance(self.data_collator, DataCollatorWithFlattening),
+            )
+            self.grad_engine  # noqa: B018 - built (and attached) now: unsupported layers fail here too
+
+    def _refuse_unsupported_setups(self) -> None:
         if getattr(self, "is_fsdp_enabled", False):
             raise NotImplementedError(
                 "DoGraphTrainer does not support FSDP yet: its per-sample gradient engines hook whole (unsharded) "
                 "weight matrices, which FSDP shards. Use DDP (plain `accelerate launch`/`torchrun` without an FSDP "
                 "config), which DoGraph supports exactly; see README, 'Several GPUs'."
             )
-        s = self.dograph_settings
-        self.dograph_last: DoGraphStepRecord | None = None
-        self.dograph_history: list[dict] = []
-        self.domain_finder = DomainFinder(
-            s.num_domains,
-            seed=s.projection_seed,
-            n_init=s.kmeans_n_init,
-            max_iter=s.kmeans_max_iter,
-            refit_steps=s.domain_refit_steps,
-        )
-        self.group_dro = None
-        if s.mixing_strategy == "group_dro":
-            from .strategies import GroupDRO
-
-            self.group_dro = GroupDRO(step_size=s.group_dro_step_size)
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-        self._nonfinite_since_log = 0
-        self._engine = None
-        self._fallback_engine = None
-        self._accepts_position_ids: bool | None = None
-        self._micro_step = (None, 0)  # (global_step, micro-batch index within it)
+        if getattr(self, "is_deepspeed_enabled", False):
+            raise NotImplementedError(
+                "DoGraphTrainer does not support DeepSpeed: ZeRO partitions gradients inside its own backward, "
+                "which DoGraph's engines replace. Use DDP (`accelerate launch`/`torchrun`)."
+            )
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"DoGraphTrainer sees {self.args.n_gpu} GPUs in one process (torch.nn.DataParallel), whose replicas "
+                "bypass DoGraph's per-sample hooks. Launch one process per GPU instead: torchrun "
+                f"--nproc_per_node {self.args.n_gpu} your_script.py (or accelerate launch)."
+            )
 
     # ------------------------------------------------------------------ columns and evaluation
     def _set_signature_columns_if_needed(self):
@@ -127,17 +158,24 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         return super().prediction_step(model, self._strip_domain_label(inputs), prediction_loss_only, ignore_keys)
 
-    # ------------------------------------------------------------------ the engine
+    # ------------------------------------------------------------------ the parts
+    @property
+    def trainer_objective(self) -> TrainerObjective:
+        """The Trainer's loss split per sample (built once; raises for a loss without a per-sample form)."""
+        if self._objective is None:
+            self._objective = TrainerObjective(self, self._per_sample_loss_func)
+        return self._objective
+
     @property
     def grad_engine(self):
-        """The micro-batch's gradient engine (built on the first training step).
+        """The micro-batch's gradient engine (built with the trainer).
 
         DoGraph needs per-sample gradient sketches: `grad_engine` picks the engine ("factored" or "opacus").
-        The baselines choose α from losses alone and get `LossOnlyEngine`: one ordinary backward of Σ α_i ℓ_i,
-        so they cost what a plain Trainer step costs.
+        The baselines choose their weights from losses alone and get `LossOnlyEngine`: one ordinary backward of
+        Σ α_i ℓ_i, so they cost what a plain Trainer step costs.
         """
         if self._engine is None:
-            if self.dograph_settings.mixing_strategy == "dograph":
+            if self.dograph_strategy.needs_sketches:
                 self._engine = self._build_per_sample_engine()
             else:
                 self._engine = LossOnlyEngine(self.accelerator.unwrap_model(self.model))
@@ -160,37 +198,18 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
             self._fallback_engine = self._build_per_sample_engine()
         return self._fallback_engine
 
-    # ------------------------------------------------------------------ the step
-    def per_sample_losses(self, model, inputs: dict) -> torch.Tensor:
-        """ℓ_i for each sample of the batch, (B,). Override for models other than causal LMs and
-        sequence classifiers."""
-        labels = inputs["labels"]
-        model_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        if labels.dim() == 2 and "input_ids" in model_inputs and self._model_accepts_position_ids(model):
-            if "position_ids" not in model_inputs:
-                # Per-sample gradients need every input batched: a (1, T) position_ids broadcast over the batch
-                # would give the position embedding one gradient for the whole batch.
-                b, t = model_inputs["input_ids"].shape
-                model_inputs["position_ids"] = torch.arange(t, device=labels.device).expand(b, t)
-        outputs = model(**model_inputs)
-        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
-        if logits.dim() == 3:
-            losses, _ = causal_lm_per_sample_loss(logits, labels)
-        else:
-            losses, _ = classification_per_sample_loss(logits, labels)
-        return losses
+    def _grad_scaler(self):
+        """The accelerator's GradScaler (fp16 mixed precision), or None."""
+        return getattr(self.accelerator, "scaler", None)
 
-    def _model_accepts_position_ids(self, model) -> bool:
-        if self._accepts_position_ids is None:
-            fwd = self.accelerator.unwrap_model(model).forward
-            try:
-                params = inspect.signature(fwd).parameters
-                self._accepts_position_ids = "position_ids" in params or any(
-                    p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()
-                )
-            except (TypeError, ValueError):
-                self._accepts_position_ids = False
-        return self._accepts_position_ids
+    # ------------------------------------------------------------------ the step
+    def per_sample_terms(self, model, inputs: dict, num_items_in_batch=None) -> SampleTerms:
+        """The forward and the Trainer's loss for this micro-batch, split per sample (see `trainer_objective`).
+        Override for a loss DoGraph does not know (or pass `per_sample_loss_func`)."""
+        objective = self.trainer_objective
+        terms = objective(model, inputs, num_items_in_batch, with_model_loss=not objective.verified)
+        objective.verify(terms, inputs["labels"], num_items_in_batch)
+        return terms
 
     def _check_batch(self, inputs: dict) -> None:
         if "labels" not in inputs:
@@ -201,13 +220,6 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
                 "labels (with -100 on padding)."
             )
 
-    def _step_key(self) -> tuple[int, int]:
-        """(optimizer step, index of this micro-batch within it): stable across resumes."""
-        gs, i = self._micro_step
-        i = i + 1 if gs == self.state.global_step else 0
-        self._micro_step = (self.state.global_step, i)
-        return self._micro_step
-
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
@@ -216,169 +228,317 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         human = inputs.pop(self.dograph_settings.domain_label_column, None)
         self._check_batch(inputs)
         engine = self.grad_engine
+        scaler = self._grad_scaler()
+        if isinstance(engine, LossOnlyEngine):
+            engine.keep_nonfinite = scaler is not None  # an overflow must reach the scaler (see step 2)
 
-        # 1. per-sample losses and per-sample gradient information (one forward, one backward). Under DDP the
-        #    backward must not all-reduce: the unweighted gradient is not the step's (see distributed.py).
-        losses, kept = self._losses_and_gradient_information(engine, model, inputs)
-        if not engine.computes_sketches and not bool(kept.all()):
+        # 1. The Trainer's loss, per sample, and per-sample gradient information (one forward, one backward).
+        #    Under DDP the backward must not all-reduce: the unweighted gradient is not the step's.
+        terms, kept = self._terms_and_gradients(engine, model, inputs, num_items_in_batch, scaler)
+        if not engine.computes_sketches and scaler is None and not bool(kept.all()):
             # A baseline's single weighted backward cannot leave a NaN sample out (0 · NaN = NaN): redo this
             # micro-batch with per-sample gradients, which can.
             engine.clear()
             engine = self._per_sample_fallback()
-            losses, kept = self._losses_and_gradient_information(engine, model, inputs)
+            terms, kept = self._terms_and_gradients(engine, model, inputs, num_items_in_batch, scaler)
 
-        # 2-3. domains and weights → α (over the global batch when data-parallel; this rank's share back)
-        alpha, record = self.compute_sample_weights(engine, losses, kept, human)
+        # 2. Each sample's weight v_i (1 = the Trainer's); α_i = v_i μ_i multiplies ℓ_i in the backward.
+        if isinstance(self.dograph_strategy, PerBatchDoGraph):
+            self.dograph_strategy.set_step(self.state.global_step)
+        sketches = self._unscaled_sketches(engine, scaler) if self.dograph_strategy.needs_sketches else None
+        if human is not None and human.shape[0] != terms.num_samples:
+            human = None  # packed rows: labels per row, not per packed sequence (logged once, see _record)
+            self._warn_once("packed_human", "DoGraph: the batch's human domain labels are per row, its samples "
+                            "are packed sequences: model-vs-human agreement is not logged for packed batches.")
+        decision = self.dograph_strategy.weights(MicroBatch(
+            losses=terms.losses.detach(), items=terms.items, kept=kept, sketches=sketches,
+            human=None if human is None else human.to(kept.device)))
+        alpha = decision.multipliers * terms.shares
+        if scaler is not None:
+            # Under a GradScaler an overflow must reach .grad, so that the scaler skips the step and lowers its
+            # scale exactly as it does for the plain Trainer: non-finite samples keep their plain share.
+            alpha = torch.where(kept, alpha, terms.shares)
 
-        # 4. the exact weighted gradient; micro-batches of an accumulation are averaged
-        accumulation = self._accumulation_steps()
+        # 3. The exact gradient of Σ_i α_i ℓ_i into .grad (scaled like the Trainer's when a GradScaler is on).
         with no_sync(model):
-            engine.accumulate_weighted_gradient(alpha.to(losses.device), scale=1.0 / accumulation)
-        record.num_nonfinite += engine.samples_dropped_after_weighting()
+            engine.accumulate_weighted_gradient(alpha)
+        dropped = engine.samples_dropped_after_weighting()
         engine.clear()
-        if is_distributed() and self.accelerator.sync_gradients:
-            all_reduce_gradients([p for _, p in engine.params])
-        self._record(record)
+        self._record(terms, kept, alpha, decision, human, dropped, scaler)
 
-        mean_loss = losses[kept].mean() if bool(kept.any()) else torch.tensor(float("nan"), device=losses.device)
-        return mean_loss / accumulation
+        # 4. After the optimizer step's last micro-batch: sum over ranks, update the domain model.
+        if self.accelerator.sync_gradients:
+            self._end_optimizer_step(engine)
 
-    def _losses_and_gradient_information(self, engine, model, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """One forward and the engine's backward: the detached per-sample losses and which samples are usable."""
+        # The Trainer's loss on this process (what it logs): over the samples with a finite loss; NaN if none has.
+        finite = torch.isfinite(terms.losses)
+        trainer_loss = (torch.where(finite, terms.shares * terms.losses, 0.0)).sum()
+        trainer_loss = trainer_loss / self.trainer_objective._rank_factor(num_items_in_batch)
+        return torch.where(finite.any(), trainer_loss, torch.full_like(trainer_loss, float("nan")))
+
+    def _terms_and_gradients(self, engine, model, inputs, num_items_in_batch, scaler):
+        """One forward and the engine's backward: the per-sample terms and which samples are usable."""
         with engine.capturing(), no_sync(model):
             with self.compute_loss_context_manager():
-                losses = self.per_sample_losses(model, inputs)
-            engine.backward(losses)
-        kept = engine.finite_samples() & torch.isfinite(losses.detach())
-        return losses.detach(), kept
+                terms = self.per_sample_terms(model, inputs, num_items_in_batch)
+            losses = terms.losses if scaler is None else scaler.scale(terms.losses)
+            if terms.segment_ids is None:
+                engine.backward(losses)
+            else:
+                engine.backward(losses, layout=_segments_layout(terms.segment_ids))
+        finite = torch.isfinite(terms.losses.detach()) & (terms.items > 0)
+        kept = finite & engine.finite_samples().to(finite.device)
+        self._step.add_finite(finite if scaler is not None else kept)
+        terms.losses = terms.losses.detach()
+        return terms, kept
 
-    def _accumulation_steps(self) -> int:
-        # Set by Trainer's loop for each optimizer step (fewer for a short last step); outside `train()`
-        # (a direct `training_step` call) the configured value applies.
-        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+    def _unscaled_sketches(self, engine, scaler) -> torch.Tensor:
+        z = engine.sketches()
+        if scaler is None:
+            return z
+        scale = getattr(scaler, "_scale", None)
+        return z / (scale.to(z.device) if scale is not None else scaler.get_scale())
 
-    def compute_sample_weights(self, engine, losses: torch.Tensor, kept: torch.Tensor, human: torch.Tensor | None):
-        """α for this process's samples (0 where left out) and the step's record.
-
-        Weights are solved over the global batch: with several processes, losses, sketches and labels are
-        all-gathered and every rank computes the same α (Σ over all ranks = 1), then keeps its own slice.
-        """
-        s = self.dograph_settings
-        device = losses.device
-        all_losses, mine = gather_rows(losses.float())
-        all_kept, _ = gather_rows(kept)
-        all_human = None if human is None else gather_rows(human.to(device).long())[0].cpu()
-        all_losses, all_kept = all_losses.cpu(), all_kept.cpu()
-        b = all_losses.shape[0]
-        alpha = torch.zeros(b, dtype=torch.float64)
-        assignments = torch.full((b,), -1, dtype=torch.long)
-        idx = all_kept.nonzero().flatten()
-        n = len(idx)
-        rec = dict(
-            domain_weights=torch.ones(1, dtype=torch.float64), sigma2=torch.zeros(1, dtype=torch.float64),
-            cluster_sizes=torch.tensor([n]), domain_losses=torch.zeros(1, dtype=torch.float64), value=float("nan"),
-        )
-        kept_losses = all_losses[idx]
-        if n == 0:
-            pass
-        elif s.mixing_strategy == "dograph":
-            from .objectives import solve_domain_weights
-
-            z = gather_rows(engine.sketches())[0].cpu()[idx]
-            step, micro = self._step_key()
-            assign = self.domain_finder.assign(z, step=step, micro=micro)
-            stats = domain_statistics(z, kept_losses, assign)
-            result = solve_domain_weights(stats, s)
-            w = result.weights.double()
-            alpha[idx] = w[assign] / stats.sizes[assign].double()
-            assignments[idx] = assign
-            rec.update(domain_weights=w, sigma2=stats.sigma2, cluster_sizes=stats.sizes,
-                       domain_losses=stats.losses, value=float(result.value), centroids=stats.centroids)
+    def _end_optimizer_step(self, engine) -> None:
+        self._steps_since_log += 1
+        params = [p for _, p in engine.params]
+        if is_distributed():
+            all_reduce_gradients(params)
+        if not self._step.any_finite():
+            self._nonfinite_step(params)
         else:
-            alpha[idx] = self._baseline_weights(kept_losses, all_human, idx).double()
-            assignments[idx] = 0
-            rec["domain_losses"] = kept_losses.double().mean().reshape(1)
-        record = DoGraphStepRecord(
-            assignments=assignments,
-            domain_weights=rec["domain_weights"],
-            sample_weights=alpha,
-            sigma2=rec["sigma2"],
-            losses=all_losses,
-            cluster_sizes=rec["cluster_sizes"],
-            domain_losses=rec["domain_losses"],
-            objective_value=rec["value"],
-            num_nonfinite=b - n,
-            human_domains=all_human,
-            extra={"centroids": rec["centroids"]} if "centroids" in rec else {},
-        )
-        return alpha[mine], record
+            self._nonfinite_run = 0
+        self.dograph_strategy.end_step()
+        self._flush_step()
 
-    def _baseline_weights(self, losses: torch.Tensor, human: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor:
-        """α over the kept samples `idx` (losses already restricted to them) for the baseline strategies."""
-        s = self.dograph_settings
-        if s.mixing_strategy == "uniform":
-            return torch.full((len(idx),), 1.0 / len(idx), dtype=torch.float64)
-        from .strategies import loss_reweighting_weights
-
-        if s.mixing_strategy == "loss_reweighting":
-            return loss_reweighting_weights(losses, s.loss_reweighting_temperature)
-        if human is None:
-            raise ValueError(
-                f"mixing_strategy='group_dro' weights human domains, but the batch has no "
-                f"{s.domain_label_column!r} column: use a domain-labelled dataset (hf_dograph.data) or set "
-                "domain_label_column to the column that holds the labels."
+    def _nonfinite_step(self, params) -> None:
+        """No sample of this optimizer step had a finite loss and gradient: skip the update, stop if it repeats."""
+        self._nonfinite_run += 1
+        self._nonfinite_steps_since_log += 1
+        if self._grad_scaler() is None:
+            for p in params:  # an optimizer skips parameters without gradient: no update from zeros (momentum)
+                p.grad = None
+        limit = self.dograph_settings.nonfinite_step_limit
+        if self._nonfinite_run >= limit:
+            bad = [n for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
+                   if not bool(torch.isfinite(p.detach()).all())]
+            where = (f"these parameters hold NaN/inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+                     if bad else "the parameters are finite, so the data or the loss produce NaN/inf")
+            raise NonFiniteTrainingError(
+                f"DoGraph stopped training at step {self.state.global_step}: {self._nonfinite_run} optimizer steps in "
+                f"a row had no sample with a finite loss and gradient ({where}). Check the learning rate, "
+                "max_grad_norm (gradient clipping), mixed precision and the data of these steps; resume from the "
+                "last checkpoint after fixing it (nonfinite_step_limit sets how many such steps are tolerated)."
             )
-        return self.group_dro.update(losses, human[idx])
 
     # ------------------------------------------------------------------ logging
-    def _record(self, record: DoGraphStepRecord) -> None:
-        self.dograph_last = record
-        w = record.domain_weights
-        kept = record.assignments >= 0
-        m = self._metrics
-        if self.dograph_settings.mixing_strategy == "dograph":
-            ent = _entropy(w)
-            m["weight_entropy"].append(ent)
-            m["effective_domains"].append(math.exp(ent))
-            m["num_domains"].append(float(w.numel()))
-            m["cluster_size_min"].append(float(record.cluster_sizes.min()))
-            m["cluster_size_max"].append(float(record.cluster_sizes.max()))
-            if math.isfinite(record.objective_value):
-                m["objective"].append(record.objective_value)
-        if bool(kept.any()):
-            m["weighted_loss"].append(float((record.sample_weights[kept] * record.losses[kept].double()).sum()))
-            alpha = record.sample_weights[kept]
-            m["sample_weight_max"].append(float(alpha.max()))
-        human = record.human_domains
-        if human is not None and bool(kept.any()) and self.dograph_settings.mixing_strategy == "dograph":
-            m["nmi"].append(normalized_mutual_information(record.assignments[kept], human[kept]))
-        self._nonfinite_since_log += record.num_nonfinite
-        self._append_history(record)
-        self._dograph_observe(record)  # checkpointing.py: last-step summary for plots, NMI into the history
+    def _warn_once(self, key: str, message: str) -> None:
+        warned = self.__dict__.setdefault("_dograph_warned", set())
+        if key not in warned:
+            warned.add(key)
+            logger.warning(message)
 
-    def _append_history(self, record: DoGraphStepRecord) -> None:
-        """One entry per micro-batch: what the plots and the model card show."""
-        entry = {
-            "step": int(self.state.global_step),
-            "domain_weights": [round(float(x), 6) for x in record.domain_weights],
-            "cluster_sizes": [int(x) for x in record.cluster_sizes],
-        }
-        if record.human_domains is not None:
-            # The α mass each human domain received, next to its share of the batch.
-            kept = record.assignments >= 0
-            h = record.human_domains[kept]
-            a = record.sample_weights[kept]
-            entry["human_mass"] = {int(d): round(float(a[h == d].sum()), 6) for d in torch.unique(h)}
-            entry["human_share"] = {int(d): round(float((h == d).double().mean()), 6) for d in torch.unique(h)}
-        self.dograph_history.append(entry)
+    def _record(self, terms: SampleTerms, kept, alpha, decision: SampleWeights, human, dropped: int, scaler) -> None:
+        """Keep the micro-batch's decision (tensors only: nothing here waits for the device)."""
+        self.dograph_last = DoGraphStepRecord(
+            assignments=decision.assignments, sample_weights=alpha, multipliers=decision.multipliers,
+            losses=terms.losses, shares=terms.shares, domain_weights=decision.domain_weights,
+            cluster_sizes=decision.cluster_sizes, sigma2=decision.sigma2, domain_losses=decision.domain_losses,
+            objective_value=decision.objective_value, warmup=decision.warmup, human_domains=human,
+            extra=decision.extra,
+        )
+        self._step.add(alpha=torch.where(kept, alpha, torch.zeros_like(alpha)), shares=terms.shares, kept=kept,
+                       losses=terms.losses, assignments=decision.assignments, human=human,
+                       dropped=dropped, decision=decision)
+        if self.dograph_strategy.per_micro_batch_history:
+            self._flush_step(micro_batch=True)
+
+    def _flush_step(self, micro_batch: bool = False) -> None:
+        """Turn the accumulated micro-batch(es) into metrics and one history entry (tensors until logged)."""
+        step = self._step
+        if not step.alphas:
+            step.reset_samples()
+            return
+        alpha = torch.cat(step.alphas).double()
+        kept = torch.cat(step.kepts)
+        losses = torch.cat(step.losses).double()
+        assign = torch.cat(step.assignments)
+        human = torch.cat(step.humans) if step.humans and len(step.humans) == len(step.alphas) else None
+        if is_distributed():
+            cols = [alpha, kept.double(), losses, assign.double()] + ([human.double()] if human is not None else [])
+            rows = gather_rows(torch.stack(cols, dim=1))[0]
+            alpha, kept, losses, assign = rows[:, 0], rows[:, 1] > 0, rows[:, 2], rows[:, 3].long()
+            human = rows[:, 4].long() if human is not None else None
+        total = alpha.sum()
+        n_kept = kept.sum()
+        m = self._metrics
+        # Effective sample size of the weights, relative to the samples kept: 1 = uniform (α ∝ share).
+        m["ess"].append((total ** 2 / (alpha ** 2).sum().clamp(min=1e-300)) / n_kept.clamp(min=1))
+        m["weighted_loss"].append((alpha * torch.nan_to_num(losses)).sum() / total.clamp(min=1e-300))
+        m["sample_weight_max"].append((alpha.max() / total.clamp(min=1e-300)))
+        m["nonfinite_samples"].append((~kept).sum().double() + step.dropped)
+        decision = step.last_decision
+        if decision is not None and decision.domain_weights is not None:
+            w = decision.domain_weights.double()
+            ent = -(w[w > 0] * w[w > 0].log()).sum()
+            m["weight_entropy"].append(ent)
+            m["effective_domains"].append(ent.exp())
+            m["num_domains"].append(torch.tensor(float(w.numel())))
+            if decision.cluster_sizes is not None:
+                m["cluster_size_min"].append(decision.cluster_sizes.double().min())
+                m["cluster_size_max"].append(decision.cluster_sizes.double().max())
+            if decision.objective_value is not None:
+                m["objective"].append(torch.as_tensor(decision.objective_value).double())
+        if self.dograph_settings.mixing_strategy == "dograph":
+            m["warmup"].append(torch.tensor(1.0 if (decision is not None and decision.warmup) else 0.0))
+        entry = {"step": int(self.state.global_step), "alpha": alpha, "kept": kept, "assign": assign,
+                 "human": human, "decision": decision, "per_micro_batch": micro_batch}
+        self._pending_history.append(entry)
+        if human is not None and self.dograph_settings.mixing_strategy == "dograph":
+            step.nmi_pairs.append((assign[kept], human[kept]))
+        step.reset_samples()
+
+    def flush_dograph_history(self) -> list[dict]:
+        """Materialize the pending history entries (python numbers): the weight-history plot and card read them.
+        Called at logging and saving time, so that the training step itself never waits for the device."""
+        for e in self._pending_history:
+            self.dograph_history.append(_history_entry(e))
+        self._pending_history = []
+        return self.dograph_history
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Flush DoGraph's metrics with the training logs (not with evaluation logs).
         if "loss" in logs and not any(k.startswith("eval_") for k in logs):
             for key, values in self._metrics.items():
                 if values:
-                    logs[f"dograph/{key}"] = sum(values) / len(values)
-            logs["dograph/nonfinite_samples"] = self._nonfinite_since_log
+                    logs[f"dograph/{key}"] = float(torch.stack([torch.as_tensor(v, dtype=torch.float64).cpu()
+                                                                for v in values]).mean())
+            logs["dograph/nonfinite_samples"] = int(sum(float(v) for v in self._metrics.get("nonfinite_samples", [])))
+            logs["dograph/nonfinite_steps"] = self._nonfinite_steps_since_log
+            nmi = self._step.take_nmi()
+            if nmi is not None:
+                logs["dograph/nmi"] = nmi
+            last = self.dograph_last
+            if last is not None and last.domain_weights is not None and not self.dograph_strategy.per_micro_batch_history:
+                for j, wj in enumerate(last.domain_weights.tolist()):
+                    logs[f"dograph/domain_weight/{j}"] = wj
+                freq = last.extra.get("frequencies")
+                if freq is not None:
+                    for j, fj in enumerate(freq.tolist()):
+                        logs[f"dograph/domain_frequency/{j}"] = fj
+            if self._nonfinite_steps_since_log and self._nonfinite_steps_since_log >= self._steps_since_log:
+                logs["loss"] = float("nan")  # every step since the last log was non-finite: say so, not 0
             self._metrics.clear()
-            self._nonfinite_since_log = 0
+            self._nonfinite_steps_since_log = 0
+            self._steps_since_log = 0
+            self.flush_dograph_history()
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ saving: never a NaN model
+    def _check_finite_parameters(self) -> None:
+        model = self.accelerator.unwrap_model(self.model)
+        bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        if bad:
+            raise NonFiniteTrainingError(
+                f"DoGraph refuses to save a model whose parameters hold NaN/inf ({', '.join(bad[:5])}"
+                f"{' ...' if len(bad) > 5 else ''}) at step {self.state.global_step}: it would look like a trained "
+                "model. Resume from the last good checkpoint with a lower learning rate or max_grad_norm."
+            )
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        self._check_finite_parameters()
+        self.flush_dograph_history()
+        super().save_model(output_dir, _internal_call=_internal_call)
+
+    def _save_checkpoint(self, model, trial):
+        self._check_finite_parameters()
+        self.flush_dograph_history()
+        return super()._save_checkpoint(model, trial)
+
+
+class _StepAccumulator:
+    """The micro-batches of the current optimizer step (tensors), and the NMI pairs since the last log."""
+
+    def __init__(self):
+        self.nmi_pairs: list = []
+        self.finite_counts: list = []
+        self.reset_samples()
+
+    def reset_samples(self) -> None:
+        self.alphas, self.kepts, self.losses, self.assignments, self.humans = [], [], [], [], []
+        self.last_decision = None
+        self.dropped = 0
+
+    def add_finite(self, finite: torch.Tensor) -> None:
+        self.finite_counts.append(finite.sum())
+
+    def any_finite(self) -> bool:
+        """Whether any sample of the step (all ranks) was finite: one scalar read per optimizer step."""
+        if not self.finite_counts:
+            return True
+        total = torch.stack(self.finite_counts).sum()
+        self.finite_counts = []
+        if is_distributed():
+            total = gather_rows(total.reshape(1).double())[0].sum()
+        return bool(total > 0)
+
+    def add(self, *, alpha, shares, kept, losses, assignments, human, dropped, decision) -> None:
+        self.alphas.append(alpha)
+        self.kepts.append(kept)
+        self.losses.append(losses)
+        self.assignments.append(assignments)
+        if human is not None:
+            self.humans.append(human)
+        self.dropped += dropped
+        self.last_decision = decision
+
+    def take_nmi(self) -> float | None:
+        if not self.nmi_pairs:
+            return None
+        from .domains import normalized_mutual_information
+
+        model = torch.cat([a for a, _ in self.nmi_pairs]).cpu()
+        human = torch.cat([h for _, h in self.nmi_pairs]).cpu()
+        self.nmi_pairs = []
+        return normalized_mutual_information(model, human) if model.numel() else None
+
+
+def _history_entry(e: dict) -> dict:
+    """A pending history entry (tensors) as JSON-able numbers: what the plots and the card read."""
+    decision = e["decision"]
+    entry = {"step": e["step"]}
+    if decision is not None and decision.domain_weights is not None:
+        entry["domain_weights"] = [round(float(x), 6) for x in decision.domain_weights.tolist()]
+        if decision.cluster_sizes is not None:
+            entry["cluster_sizes"] = [int(round(float(x))) for x in decision.cluster_sizes.tolist()]
+        freq = (decision.extra or {}).get("frequencies")
+        if freq is not None:
+            entry["domain_frequencies"] = [round(float(x), 6) for x in freq.tolist()]
+        entry["persistent"] = not e["per_micro_batch"]
+    else:
+        entry["domain_weights"] = [1.0]
+        entry["cluster_sizes"] = [int(e["kept"].sum())]
+    if decision is not None and decision.warmup:
+        entry["warmup"] = True
+    alpha, kept = e["alpha"], e["kept"]
+    total = float(alpha.sum())
+    entry["ess"] = round((total ** 2 / max(float((alpha ** 2).sum()), 1e-300)) / max(int(kept.sum()), 1), 6)
+    human = e["human"]
+    if human is not None and bool(kept.any()):
+        h, a = human[kept].cpu(), alpha[kept].cpu()
+        a = a / a.sum() if float(a.sum()) > 0 else a
+        labels = torch.unique(h)
+        entry["human_mass"] = {str(int(d)): round(float(a[h == d].sum()), 6) for d in labels}
+        entry["human_share"] = {str(int(d)): round(float((h == d).double().mean()), 6) for d in labels}
+        assign = e["assign"][kept].cpu()
+        if decision is not None and decision.cluster_sizes is not None and bool((assign >= 0).all()):
+            from .domains import normalized_mutual_information
+
+            entry["nmi"] = round(normalized_mutual_information(assign, h), 6)
+    return entry
+
+
+def _segments_layout(segment_ids: torch.Tensor):
+    from .sketch.layout import SampleLayout
+
+    return SampleLayout.segments(segment_ids)

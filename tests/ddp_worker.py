@@ -24,7 +24,8 @@ GLOBAL_BATCH = 8
 def run_name(cfg: dict) -> str:
     strategy = cfg.get("strategy", "dograph")
     prefix = "" if strategy == "dograph" else f"{strategy}_"
-    return f"{prefix}{cfg['engine']}_ga{cfg['accumulation']}_{'uneven' if cfg['uneven'] else 'even'}"
+    mode = "_per_batch" if cfg.get("mode") == "per_batch" else ""
+    return f"{prefix}{cfg['engine']}{mode}_ga{cfg['accumulation']}_{'uneven' if cfg['uneven'] else 'even'}"
 
 
 def run(out_dir: str, cfg: dict, fail_rank: int | None) -> None:
@@ -39,14 +40,25 @@ def run(out_dir: str, cfg: dict, fail_rank: int | None) -> None:
         output_dir=out_dir, per_device_train_batch_size=GLOBAL_BATCH // world, gradient_accumulation_steps=accumulation,
         num_train_epochs=1, learning_rate=0.1, optim="sgd", report_to=[], use_cpu=True, save_strategy="no", disable_tqdm=True,
         num_domains=3, projection_dim=64, grad_engine=engine, mixing_strategy=cfg.get("strategy", "dograph"), seed=0,
-        logging_steps=1, ddp_timeout=60,
+        logging_steps=1, ddp_timeout=60, domain_mode=cfg.get("mode", "persistent"),
         accelerator_config={"even_batches": False},
+        # persistent domains fitted after the first optimizer step, refitted every second one
+        **({} if cfg.get("mode") == "per_batch" else {"domain_warmup_samples": 8, "domain_window": 32,
+                                                      "domain_refit_steps": 2, "weight_smoothing": 0.5}),
     )
     trainer = DoGraphTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_list(rows), data_collator=stack_collator)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(rows)))
     weights = []
     original = trainer._record
-    trainer._record = lambda r: (weights.append(r.domain_weights.tolist()), original(r))
+
+    def record(*a):
+        original(*a)
+        # The domain weights in use (the same on every rank): per micro-batch, once the domains exist.
+        w = trainer.dograph_last.domain_weights
+        if w is not None:
+            weights.append(w.tolist())
+
+    trainer._record = record
     if fail_rank is not None and trainer.args.process_index == fail_rank:
         def broken(*a, **k):
             raise RuntimeError(f"deliberate failure on rank {fail_rank}")

@@ -51,7 +51,8 @@ def child(out: Path, repo: str, cli_repo: str | None) -> dict:
         return DoGraphConfig(
             output_dir=str(output_dir), max_steps=max_steps, save_strategy="steps", save_steps=2,
             per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=1e-2, use_cpu=True, seed=0,
-            report_to=[], disable_tqdm=True, num_domains=3, projection_dim=32, push_to_hub=push, hub_model_id=repo,
+            report_to=[], disable_tqdm=True, num_domains=3, projection_dim=32, domain_warmup_samples=8,
+            push_to_hub=push, hub_model_id=repo,
             hub_token=os.environ.get("HF_TOKEN") or "hf_loopback_not_a_real_token", hub_strategy="checkpoint",
             hub_private_repo=True,
         )

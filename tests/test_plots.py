@@ -125,6 +125,7 @@ def test_trainer_writes_plots_and_logs_them_to_tensorboard(tmp_path):
     args = DoGraphConfig(
         output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to=["tensorboard"],
         logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True, num_domains=3, projection_dim=32,
+        domain_warmup_samples=8,  # the domains exist after the first step, so the graph and heat map are drawn
     )
     trainer = DoGraphTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_list(rows),
                              data_collator=stack_collator)

@@ -55,22 +55,37 @@ def rel_err(a: dict, b: dict) -> float:
     return float(num / den)
 
 
+def warmed_up_trainer(tmp_path, model, **overrides):
+    """A trainer whose persistent domain model is fitted after one step (warm-up of 8 samples)."""
+    args = dograph_args(tmp_path, domain_warmup_samples=8, domain_window=64, **overrides)
+    trainer = DoGraphTrainer(model=model, args=args, data_collator=stack_collator)
+    trainer.training_step(trainer.model, make_batch(seed=11))
+    trainer.model.zero_grad(set_to_none=True)
+    return trainer
+
+
 @pytest.mark.parametrize("engine", ENGINE_NAMES)
 @pytest.mark.parametrize("model_name", list(MODEL_BUILDERS))
-@pytest.mark.parametrize("objective", OBJECTIVES + ["uncertainty+graph"])
+@pytest.mark.parametrize("objective", OBJECTIVES + ["uncertainty+graph", "uncertainty@batch", "robust@batch"])
 def test_applied_gradient_is_weighted_autograd_gradient(tmp_path, engine, model_name, objective):
-    graph = objective.endswith("+graph")
+    """The gradient DoGraph applies is ∇ Σ_i α_i ℓ_i (α_i = v_i μ_i: weight × the sample's share of the
+    Trainer's loss), to 1e-5, for both engines, every objective, persistent and per-batch domains."""
+    name, _, mode = objective.partition("@")
+    graph = name.endswith("+graph")
     model = MODEL_BUILDERS[model_name]()
     reference = copy.deepcopy(model)
-    args = dograph_args(tmp_path, objective=objective.split("+")[0], graph_lambda=0.5 if graph else 0.0,
-                        grad_engine=engine)
-    trainer = DoGraphTrainer(model=model, args=args, data_collator=stack_collator)
+    settings = dict(objective=name.split("+")[0], graph_lambda=0.5 if graph else 0.0, grad_engine=engine,
+                    domain_mode="per_batch" if mode else "persistent")
+    if mode:
+        trainer = DoGraphTrainer(model=model, args=dograph_args(tmp_path, **settings), data_collator=stack_collator)
+    else:
+        trainer = warmed_up_trainer(tmp_path, model, **settings)
+        reference.load_state_dict(model.state_dict())  # the warm-up step changed nothing (no optimizer step)
     batch = make_batch()
     trainer.training_step(trainer.model, dict(batch))
 
     rec = trainer.dograph_last
     alpha = rec.sample_weights
-    assert torch.isclose(alpha.sum(), torch.tensor(1.0, dtype=alpha.dtype))
     assert (alpha >= 0).all()  # alignment may give a domain weight 0
     assert rec.assignments.shape == (8,) and rec.domain_weights.numel() == rec.sigma2.numel()
     applied = {n: p.grad.detach().clone() for n, p in trainable(trainer.model)}
@@ -80,8 +95,8 @@ def test_applied_gradient_is_weighted_autograd_gradient(tmp_path, engine, model_
     for n in expected:  # and parameter by parameter, so a small layer cannot hide behind a big one
         scale = expected[n].abs().max().clamp(min=1e-8)
         assert (applied[n] - expected[n]).abs().max() / scale < 1e-4, n
-    # The weights are not uniform: DoGraph did something.
-    assert not torch.allclose(alpha, torch.full_like(alpha, 1 / 8))
+    # The weights are not the Trainer's: DoGraph did something.
+    assert not torch.allclose(rec.multipliers, torch.ones_like(rec.multipliers))
 
 
 def test_lora_only_adapters_are_sketched_and_updated(tmp_path):
@@ -95,8 +110,8 @@ def test_lora_only_adapters_are_sketched_and_updated(tmp_path):
 
 
 def test_gradient_accumulation_and_clipping_inside_train(tmp_path):
-    """Through Trainer.train(): the pre-optimizer gradient is the mean over micro-batches of Σ α g,
-    then `max_grad_norm` clips it; the logged loss is the mean per-sample loss."""
+    """Through Trainer.train(): the pre-optimizer gradient is Σ over micro-batches of Σ α g (α including each
+    sample's share of the step's tokens), then `max_grad_norm` clips it; the logged loss is the Trainer's."""
     model = tiny_gpt2()
     reference = copy.deepcopy(model)
     batches = [make_batch(seed=s) for s in (1, 2)]
@@ -116,19 +131,25 @@ def test_gradient_accumulation_and_clipping_inside_train(tmp_path):
         trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(rows)))
         records.clear()
         original = trainer._record
-        trainer._record = lambda r: (records.append(r), original(r))
+        def keep(*a):
+            original(*a)
+            records.append(trainer.dograph_last)
+
+        trainer._record = keep
         trainer.train()
         assert len(records) == 2
         expected = {}
         for batch, rec in zip(batches, records):
+            # α_i already holds the sample's share of the step's loss (its tokens / the step's tokens).
             g = independent_weighted_grad(copy.deepcopy(reference), batch, rec.sample_weights)
             for n, v in g.items():
-                expected[n] = expected.get(n, 0) + v / 2
+                expected[n] = expected.get(n, 0) + v
         if clip == 0.0:
             assert rel_err(captured, expected) < 1e-5
             logged = [h for h in trainer.state.log_history if "loss" in h][0]["loss"]
-            mean_loss = sum(float(r.losses.mean()) for r in records) / 2
-            assert logged == pytest.approx(mean_loss, rel=1e-5)
+            # The Trainer's own loss: token losses of both micro-batches over the step's label tokens.
+            trainer_loss = sum(float((r.shares * r.losses).sum()) for r in records)
+            assert logged == pytest.approx(trainer_loss, rel=1e-5)
         else:
             norm = torch.sqrt(sum((v ** 2).sum() for v in captured.values()))
             assert float(norm) == pytest.approx(clip, rel=1e-3)
@@ -138,10 +159,7 @@ def test_gradient_accumulation_and_clipping_inside_train(tmp_path):
 
 
 def test_uniform_strategy_equals_plain_trainer(tmp_path):
-    """Only the weighting differs: with uniform weights the run is the plain Trainer's run (GA 2, 3 steps).
-
-    LLaMA, not GPT-2: transformers 5.x's Trainer counts GPT2LMHeadModel's label tokens before the causal
-    shift (its class name does not match a loss type), which scales plain GPT-2 losses by (T-1)/T."""
+    """Only the weighting differs: with uniform weights the run is the plain Trainer's run (GA 2, 3 steps)."""
     rows = []
     for s in range(6):
         rows += rows_from_batch(make_batch(seed=s, pad_last=0))
@@ -175,7 +193,8 @@ def test_domain_column_never_reaches_forward_and_nmi_is_logged(tmp_path):
     for s in range(4):
         rows += [dict(r, source_text="kept out by remove_unused_columns") for r in rows_from_batch(make_batch(seed=s))]
     data = Dataset.from_list(rows)
-    args = dograph_args(tmp_path, max_steps=4, logging_steps=2, eval_strategy="steps", eval_steps=2)
+    args = dograph_args(tmp_path, max_steps=4, logging_steps=2, eval_strategy="steps", eval_steps=2,
+                        domain_warmup_samples=8)
     assert args.remove_unused_columns  # the default, left alone
     trainer = DoGraphTrainer(model=model, args=args, train_dataset=data, eval_dataset=data,
                              data_collator=stack_collator)
@@ -183,7 +202,8 @@ def test_domain_column_never_reaches_forward_and_nmi_is_logged(tmp_path):
     assert seen and all("domain" not in kw and "source_text" not in kw for kw in seen)
     logs = [h for h in trainer.state.log_history if "loss" in h]
     for key in ("dograph/weight_entropy", "dograph/effective_domains", "dograph/cluster_size_min",
-                "dograph/cluster_size_max", "dograph/objective", "dograph/nmi", "dograph/nonfinite_samples"):
+                "dograph/cluster_size_max", "dograph/nmi", "dograph/nonfinite_samples", "dograph/ess",
+                "dograph/warmup", "dograph/domain_weight/0", "dograph/domain_frequency/0"):
         assert key in logs[-1], key
     assert 0.0 <= logs[-1]["dograph/nmi"] <= 1.0
     assert any("eval_loss" in h for h in trainer.state.log_history)
@@ -216,7 +236,7 @@ def test_bf16_autocast_on_cpu_trains(tmp_path, engine):
 def test_same_seed_same_domains_and_weights(tmp_path):
     records = []
     for _ in range(2):
-        trainer = DoGraphTrainer(model=tiny_gpt2(), args=dograph_args(tmp_path), data_collator=stack_collator)
+        trainer = warmed_up_trainer(tmp_path, tiny_gpt2())
         trainer.training_step(trainer.model, make_batch())
         records.append(trainer.dograph_last)
     assert torch.equal(records[0].assignments, records[1].assignments)
@@ -252,7 +272,14 @@ def test_batch_without_labels_is_a_clear_error(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [({"num_domains": 0}, "num_domains=0 must be >= 1"), ({"objective": "entropy"}, "objective='entropy' is unknown"),
-     ({"grad_engine": "magic"}, "grad_engine='magic' is unknown"), ({"graph_lambda": -1.0}, "graph_lambda")],
+     ({"grad_engine": "magic"}, "grad_engine='magic' is unknown"), ({"graph_lambda": -1.0}, "graph_lambda"),
+     ({"graph_lambda": float("inf")}, "graph_lambda=inf must be a finite number"),
+     ({"variance_penalty": float("inf")}, "variance_penalty=inf must be a finite number"),
+     ({"uncertainty_eps": float("inf")}, "uncertainty_eps=inf must be a finite number"),
+     ({"uncertainty_eps": float("nan")}, "uncertainty_eps=nan must be a finite number"),
+     ({"weight_smoothing": 0.0}, "weight_smoothing=0.0 must be in"),
+     ({"domain_mode": "online"}, "domain_mode='online' is unknown"),
+     ({"domain_mode": "per_batch", "domain_refit_steps": 5}, "needs domain_mode='persistent'")],
 )
 def test_bad_settings_name_the_field(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -272,14 +299,13 @@ def test_unsupported_layer_is_named(tmp_path):
             h = self.norm(h.transpose(1, 2)).transpose(1, 2)
             return {"logits": self.head(h)}
 
-    trainer = DoGraphTrainer(model=BatchNormLM(), args=dograph_args(tmp_path, grad_engine="opacus"),
-                             data_collator=stack_collator)
-    with pytest.raises(UnsupportedLayerError, match=r"norm \(BatchNorm1d\)"):
-        trainer.training_step(trainer.model, make_batch(vocab=16))
+    with pytest.raises(UnsupportedLayerError, match=r"norm \(BatchNorm1d\)"):  # at construction, not step 1
+        DoGraphTrainer(model=BatchNormLM(), args=dograph_args(tmp_path, grad_engine="opacus"),
+                       data_collator=stack_collator, per_sample_loss_func=lambda out, labels, **kw: out["logits"].sum((1, 2)))
 
 
 def test_batch_smaller_than_num_domains_uses_fewer_clusters_and_warns_once(tmp_path, caplog):
-    trainer = DoGraphTrainer(model=tiny_gpt2(), args=dograph_args(tmp_path, num_domains=11),
+    trainer = DoGraphTrainer(model=tiny_gpt2(), args=dograph_args(tmp_path, num_domains=11, domain_mode="per_batch"),
                              data_collator=stack_collator)
     with caplog.at_level(logging.WARNING, logger="hf_dograph.domains"):
         for s in range(2):
@@ -305,8 +331,7 @@ def test_non_finite_sample_is_left_out_and_counted(tmp_path, engine):
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(rows)))
     trainer.train()
     rec = trainer.dograph_last
-    assert rec.num_nonfinite == 1 and rec.assignments[0] == -1 and rec.sample_weights[0] == 0
-    assert float(rec.sample_weights.sum()) == pytest.approx(1.0)
+    assert rec.assignments[0] == -1 and rec.sample_weights[0] == 0 and (rec.sample_weights[1:] > 0).all()
     assert all(torch.isfinite(p).all() for p in model.parameters())
     log = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert log["dograph/nonfinite_samples"] == 2  # one per step, two steps in the window

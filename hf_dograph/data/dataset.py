@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,10 +38,9 @@ class DomainDataset:
 
     def save_domain_names(self, output_dir: str | Path) -> Path:
         """Write `domain_names.json` (id → name) into `output_dir`."""
-        path = Path(output_dir) / "domain_names.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.domain_names, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        return path
+        from ..jsonfiles import write_json
+
+        return write_json(Path(output_dir) / "domain_names.json", self.domain_names, ensure_ascii=False)
 
     def summary(self) -> str:
         """One line per domain: training / validation sequences and tokens."""

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import embedded_domain_names, iter_embedded_documents
-from .spec import DataError, DataSpec
+from .spec import DataError, DataFileError, DataSpec
 
 logger = logging.getLogger(__name__)
 
@@ -124,52 +124,112 @@ def _labelled(records: Iterable[dict], spec: DataSpec, where: str, label: str | 
         logger.warning("%s: skipped %d records without a text or a label", where, skipped)
 
 
-def _read_file(path: Path, text_field: str) -> Iterator[dict]:
-    """Records of one local file, by suffix (json lines, a json list, parquet, csv, plain text)."""
-    name = path.name.lower()
-    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst")):
-        opener = _open_text(path)
-        with opener as handle:
-            head = handle.read(1)
-            while head and head.isspace():
-                head = handle.read(1)
-            if head == "[" and ".jsonl" not in name:  # one JSON list
-                yield from json.loads(head + handle.read())
-                return
-            buffer = head
-            for line in handle:
-                line = (buffer + line).strip()
-                buffer = ""
-                if line:
-                    yield json.loads(line)
-            if buffer.strip():
-                yield json.loads(buffer)
-    elif name.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
-            yield from batch.to_pylist()
-    elif name.endswith(".csv"):
-        with open(path, newline="", encoding="utf-8") as handle:
-            yield from csv.DictReader(handle)
-    elif name.endswith(".txt"):
-        yield {text_field: path.read_text(encoding="utf-8")}
-    else:
-        raise DataError(f"data.path: cannot read {path}: use one of {', '.join(_FILE_SUFFIXES)}")
+_JSONL_FIX = "correct or delete that line: every line of a JSON Lines file must be one complete JSON object"
+_UTF8_FIX = ("re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 FILE > FILE.utf8`), or remove it from "
+             "data.path")
 
 
-def _open_text(path: Path):
+def _binary_stream(path: Path):
+    """The file's bytes (decompressed for .gz and .zst)."""
     if path.name.endswith(".gz"):
         import gzip
 
-        return gzip.open(path, "rt", encoding="utf-8")
+        return gzip.open(path, "rb")
     if path.name.endswith(".zst"):  # the Pile's format
         import io
 
         import zstandard
 
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True), encoding="utf-8")
-    return open(path, encoding="utf-8")
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))
+    return open(path, "rb")
+
+
+def _decoded_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line as text with its line break) of a UTF-8 file.
+
+    Decoded line by line from bytes, so that a byte that is not UTF-8 is reported with its line and
+    byte offset (counted in the decompressed data for .gz/.zst), not as a position in a read buffer.
+    A UTF-8 byte-order mark at the start is dropped.
+    """
+    offset = 0
+    compressed = path.name.endswith((".gz", ".zst"))
+    with _binary_stream(path) as handle:
+        for number, raw in enumerate(handle, 1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                start = err.start + (3 if number == 1 and raw.startswith(b"\xef\xbb\xbf") else 0)
+                raise DataFileError(
+                    path, f"not UTF-8 text (byte 0x{raw[start]:02x}" + (", offset in the decompressed data)"
+                                                                      if compressed else ")"),
+                    _UTF8_FIX, line=number, byte_offset=offset + start,
+                ) from None
+            yield number, text
+            offset += len(raw)
+
+
+def _record(value: Any, path: Path, line: int | None, item: int | None = None) -> dict:
+    if isinstance(value, dict):
+        return value
+    where = f"item {item} of the JSON list" if item is not None else "this line"
+    raise DataFileError(path, f"{where} is a JSON {type(value).__name__}, not an object ({{\"text\": ..., ...}})",
+                        "write one JSON object per record, with the text and label fields", line=line)
+
+
+def _read_json_file(path: Path, name: str) -> Iterator[dict]:
+    """Records of a JSON Lines file, or of a .json file holding one JSON list."""
+    lines = _decoded_lines(path)
+    for number, text in lines:
+        if not text.strip():
+            continue
+        if text.lstrip().startswith("[") and ".jsonl" not in name:  # one JSON list
+            whole = text + "".join(t for _, t in lines)
+            try:
+                items = json.loads(whole)
+            except json.JSONDecodeError as err:
+                raise DataFileError(path, f"not valid JSON ({err.msg})", "correct the file: it must hold one JSON list "
+                                    "of objects, or one JSON object per line", line=number - 1 + err.lineno,
+                                    column=err.colno) from None
+            for i, item in enumerate(items if isinstance(items, list) else [items]):
+                yield _record(item, path, None, item=i)
+            return
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise DataFileError(path, f"not valid JSON ({err.msg})", _JSONL_FIX, line=number,
+                                column=err.colno) from None
+        yield _record(value, path, number)
+
+
+def _read_file(path: Path, text_field: str) -> Iterator[dict]:
+    """Records of one local file, by suffix (json lines, a json list, parquet, csv, plain text).
+
+    A malformed file raises `DataFileError` naming the file, the line (1-based) and the fix.
+    """
+    name = path.name.lower()
+    if name.endswith((".jsonl", ".jsonl.gz", ".json", ".json.gz", ".jsonl.zst")):
+        yield from _read_json_file(path, name)
+    elif name.endswith(".parquet"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as err:
+            raise DataFileError(path, f"not a readable Parquet file ({err})",
+                                "re-write it (e.g. with pandas.DataFrame.to_parquet), or remove it from data.path") from None
+    elif name.endswith(".csv"):
+        reader = csv.DictReader(text for _, text in _decoded_lines(path))
+        try:
+            yield from reader
+        except csv.Error as err:
+            raise DataFileError(path, f"not valid CSV ({err})", "correct that line (quotes must be closed)",
+                                line=reader.line_num) from None
+    elif name.endswith(".txt"):
+        yield {text_field: "".join(text for _, text in _decoded_lines(path))}
+    else:
+        raise DataError(f"data.path: cannot read {path}: use one of {', '.join(_FILE_SUFFIXES)}")
 
 
 def _expand_paths(path: Any) -> list[Path]:

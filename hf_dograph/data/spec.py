@@ -6,12 +6,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import InputFileError
+
 SOURCES = ("embedded", "hub", "local", "folder")
 PACKING = ("pack", "truncate")
 
 
 class DataError(ValueError):
     """A data setting or a data source is wrong; the message names the field or the cause."""
+
+
+class DataFileError(InputFileError, DataError):
+    """A data file cannot be read (not UTF-8, a malformed line...): names the file, the line and the fix."""
 
 
 @dataclass

@@ -3,13 +3,21 @@
 One micro-batch goes through an engine like this (the trainer's `training_step`)::
 
     with engine.capturing():                 # hooks on for this forward/backward only
-        losses = per_sample_losses(model, batch)     # (B,)
-        engine.backward(losses)              # per-sample information; leaves every p.grad as it was
-    z = engine.sketches()                    # (B, k) sketches of the per-sample gradients g_i
-    ok = engine.finite_samples()             # (B,) False where g_i holds inf/NaN
-    ... domains, weights, α (α_i = 0 where not ok) ...
-    engine.accumulate_weighted_gradient(α, scale)    # p.grad += scale · Σ_i α_i g_i, exactly
+        losses = per_sample_losses(model, batch)     # (S,): one loss per *sample*
+        engine.backward(losses, layout)      # per-sample information; leaves every p.grad as it was
+    z = engine.sketches()                    # (S, k) sketches of the per-sample gradients g_s
+    ok = engine.finite_samples()             # (S,) False where g_s holds inf/NaN
+    ... domains, weights, α (α_s = 0 where not ok) ...
+    engine.accumulate_weighted_gradient(α, scale)    # p.grad += scale · Σ_s α_s g_s, exactly
     engine.clear()
+
+A *sample* is what `layout` (a `SampleLayout`) says: by default (layout=None) sample i is row i of the batch
+(S = B); with padding-free packing a sample is one packed segment of a row (`SampleLayout.segments`), and
+S counts segments. Engines that cannot split rows into samples refuse a segment layout with a clear error.
+
+Losses may be multiplied by a loss scale (fp16 GradScaler): sketches and the weighted gradient scale with it
+(the trainer divides the sketches back), and samples whose gradient is not finite reach `.grad` as inf/NaN
+whenever their α_s ≠ 0 — which is what lets the scaler see the overflow and skip the step.
 
 Engines register themselves by name in `ENGINES` (see `register_engine`).
 """
@@ -22,6 +30,8 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+
+from .layout import SampleLayout
 
 ENGINES: dict[str, type[GradEngine]] = {}
 
@@ -75,21 +85,24 @@ class GradEngine(abc.ABC):
 
     # -- one micro-batch ------------------------------------------------------------------------
     @abc.abstractmethod
-    def backward(self, losses: torch.Tensor) -> None:
-        """Back-propagate Σ_i ℓ_i to collect per-sample information; every `p.grad` is left unchanged."""
+    def backward(self, losses: torch.Tensor, layout: SampleLayout | None = None) -> None:
+        """Back-propagate Σ_s ℓ_s to collect per-sample information; every `p.grad` is left unchanged.
+
+        `losses` is (S,), one loss per sample of `layout` (None: `SampleLayout.rows(len(losses))`)."""
 
     @abc.abstractmethod
     def sketches(self) -> torch.Tensor:
-        """(B, k) float32: z_i, a random projection of g_i with E‖z_i‖² = ‖g_i‖² (rows of non-finite samples: 0)."""
+        """(S, k) float32: z_s, a random projection of g_s with E‖z_s‖² = ‖g_s‖² (rows of non-finite samples: 0)."""
 
     @abc.abstractmethod
     def finite_samples(self) -> torch.Tensor:
-        """(B,) bool: whether sample i's per-sample gradient is finite."""
+        """(S,) bool: whether sample s's per-sample gradient is finite."""
 
     @abc.abstractmethod
     def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
-        """p.grad += scale · Σ_i α_i g_i for every trainable p. Samples with α_i = 0 contribute exactly 0,
-        even if their gradient is not finite."""
+        """p.grad += scale · Σ_s α_s g_s for every trainable p, α of shape (S,). Samples with α_s = 0 contribute
+        exactly 0, even if their gradient is not finite; samples with α_s ≠ 0 contribute what they hold, inf/NaN
+        included."""
 
     def samples_dropped_after_weighting(self) -> int:
         """Samples of the last micro-batch that `accumulate_weighted_gradient` had to leave out (0 for engines
@@ -106,3 +119,18 @@ class GradEngine(abc.ABC):
 
 def keep_mask(alpha: torch.Tensor) -> torch.Tensor:
     return alpha != 0
+
+
+def resolve_layout(losses: torch.Tensor, layout: SampleLayout | None) -> SampleLayout:
+    """The layout of a `backward` call (rows by default), checked against the losses' shape."""
+    if not isinstance(losses, torch.Tensor) or losses.dim() != 1:
+        shape = tuple(getattr(losses, "shape", ()))
+        raise ValueError(f"losses must be a 1-D tensor (one loss per sample), got shape {shape}")
+    if layout is None:
+        return SampleLayout.rows(losses.shape[0])
+    if not isinstance(layout, SampleLayout):
+        raise TypeError(f"layout must be a SampleLayout (or None for one sample per row), got {type(layout).__name__}")
+    if losses.shape[0] != layout.num_samples:
+        raise ValueError(f"got {losses.shape[0]} losses for a layout of {layout.num_samples} samples ({layout!r}): "
+                         "pass one loss per sample")
+    return layout

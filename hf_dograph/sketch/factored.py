@@ -22,36 +22,35 @@ random projection too (E‖Cs‖² = ‖s‖², and the variance of ⟨Cs, Ct⟩
 projection of the same k), it costs O(B·D₂) and needs no k × D₂ matrix. So z_i = C·[S_i^(1); …; g_i^(small)] has exactly `projection_dim` entries and
 E‖z_i‖² = ‖g_i‖².
 
-Everything random is a pure function of (seed, parameter index): the same seed gives the same sketch.
+Everything random is a pure function of (seed, parameter index): the same seed gives the same sketch, and on
+CPU the same batch gives bit-identical sketches and weighted gradients whatever the machine's load (a fixed
+thread count, and accumulations in a fixed order: `index_add_`, never atomic `index_put_`).
+
+Samples may be rows or packed segments (`SampleLayout`): linear maps, embeddings and LayerNorm split their
+token-level tensors by segment exactly; token-wise norms on the exact path are split per token; any other
+exact-path layer refuses a segment layout, naming itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 
 import torch
 from torch import nn
 
-from .base import GradEngine, UnsupportedLayerError, register_engine
+from .base import GradEngine, UnsupportedLayerError, register_engine, resolve_layout
+from .buffers import BufferWatch, refuse_stateful_layers
 from .layers import GenericHandler, SketchSink, WeightSlot, handler_for
 from .layers.base import add_to_grad
 from .layers.generic import is_norm_layer
-from .opacus_engine import _unsupported_layers
+from .layout import SampleLayout
 from .projection import _block_seed
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FACTOR_DIM = 32
 _STREAM_OFFSET = 1 << 20  # keeps this engine's random streams apart from the reference engine's
-
-
-def _oversubscribed() -> bool:
-    try:
-        return os.getloadavg()[0] > (os.cpu_count() or 1)
-    except (OSError, AttributeError):  # no load average on this platform
-        return False
 
 
 @contextlib.contextmanager
@@ -79,22 +78,30 @@ class FactoredEngine(GradEngine):
         factor_dim: f, the per-axis dimension of each weight's factored sketch (f × f per weight); axes no
             longer than f are kept exactly. Larger f: better inner-product estimates, more sketch cost
             (≈ 2·B·T·(rows + cols)·f flops per weight per step).
-        cpu_sketch_threads: intra-op threads for the sketch's small ops on CPU: an int, None (torch's
-            setting) or "auto" (default): 1 while the machine is oversubscribed (1-minute load average above
-            the number of cores), torch's setting otherwise. The sketch is ~100 small, skinny ops (f = 32
-            output columns); on a CPU shared with other work each multi-threaded op waits for all its
-            threads to be scheduled. Measured, GPT-2 4×256 on 2 cores: busy machine, B = 8: 0.89 s with 2
-            threads, 0.13 s with 1; idle machine, B = 32: 0.28 s with 2, 0.54 s with 1. The weighted
-            gradient's matmuls (big, like the plain dW) always keep torch's setting. No effect on GPU.
+        cpu_sketch_threads: intra-op threads for the sketch's small ops on CPU: None (default: torch's setting)
+            or a fixed int. The sketch is ~100 small, skinny ops (f = 32 output columns); on a CPU shared with
+            other work each multi-threaded op waits for all its threads to be scheduled, so 1 can be much
+            faster there. Measured, GPT-2 4×256 on 2 cores: busy machine, B = 8: 0.89 s with 2 threads, 0.13 s
+            with 1; idle machine, B = 32: 0.28 s with 2, 0.54 s with 1. The value is fixed for the run — never
+            switched with the machine's load, which could make results depend on it (an op split across a
+            different number of threads may round differently). The weighted gradient's matmuls (big, like the
+            plain dW) always keep torch's setting. No effect on GPU.
     """
 
     name = "factored"
 
     def __init__(self, model: nn.Module, *, projection_dim: int, seed: int, factor_dim: int = DEFAULT_FACTOR_DIM,
-                 cpu_sketch_threads: int | str | None = "auto"):
+                 cpu_sketch_threads: int | None = None):
         super().__init__(model, projection_dim=projection_dim, seed=seed)
         if factor_dim < 1:
             raise ValueError(f"factor_dim={factor_dim} must be >= 1")
+        if cpu_sketch_threads is not None and (isinstance(cpu_sketch_threads, bool)
+                                               or not isinstance(cpu_sketch_threads, int) or cpu_sketch_threads < 1):
+            raise ValueError(
+                f"cpu_sketch_threads={cpu_sketch_threads!r}: use None (torch's thread setting) or a fixed int >= 1. "
+                "(The former 'auto', which followed the machine's load, made results depend on that load.)"
+            )
+        refuse_stateful_layers(model)
         self.factor_dim = int(factor_dim)
         self.cpu_sketch_threads = cpu_sketch_threads
         self.recording = False  # inside capturing(): patched layers record
@@ -104,16 +111,12 @@ class FactoredEngine(GradEngine):
 
         self.handlers = []
         self.fallbacks: list[str] = []
-        bad = []
         owner_kind: dict[int, tuple[str, str]] = {}  # id(param) → ("factored"/"exact", module name)
         for mname, module in model.named_modules():
             if not any(p.requires_grad for p in module.parameters(recurse=False)):
                 continue
             cls = handler_for(module)
             if cls is None:
-                if any(True for _ in module.buffers(recurse=False)):
-                    bad.append(f"{mname or '<root>'} ({type(module).__name__})")
-                    continue
                 cls = GenericHandler
                 if not is_norm_layer(module):
                     self.fallbacks.append(f"{mname or '<root>'} ({type(module).__name__})")
@@ -127,12 +130,6 @@ class FactoredEngine(GradEngine):
                             f"parameter {self._names.get(id(p), '?')!r} is shared by {prev[1]!r} and {mname!r}, "
                             "which the factored engine handles in different ways; use grad_engine='opacus'."
                         )
-        if bad:
-            raise UnsupportedLayerError(
-                "DoGraph cannot compute per-sample gradients for these trainable layers, which keep running "
-                f"statistics in buffers: {', '.join(bad)}. Freeze them (requires_grad=False) or replace them "
-                "(e.g. BatchNorm → LayerNorm/GroupNorm)."
-            )
         # Every trainable parameter must belong to a module we watch (named_modules covers all owners).
         missing = [n for n, p in self.params if id(p) not in owner_kind]
         if missing:  # pragma: no cover - only if a handler declares fewer params than it owns
@@ -155,6 +152,8 @@ class FactoredEngine(GradEngine):
         ]
         self._hash_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._validated = False
+        self._buffers = BufferWatch(model)
+        self._layout: SampleLayout | None = None
         self._z: torch.Tensor | None = None
         self._finite: torch.Tensor | None = None
         self._exact: dict[int, torch.Tensor] = {}
@@ -170,10 +169,7 @@ class FactoredEngine(GradEngine):
 
     def small_ops(self, device: torch.device):
         """Context for the engine's small, memory-bound ops (projections, scalings): see `cpu_sketch_threads`."""
-        n = self.cpu_sketch_threads if device.type == "cpu" else None
-        if n == "auto":
-            n = 1 if _oversubscribed() else None
-        return _intra_op_threads(n)
+        return _intra_op_threads(self.cpu_sketch_threads if device.type == "cpu" else None)
 
     def describe(self) -> dict:
         """Which parameters take which path (for logs, tests and the benchmark)."""
@@ -198,6 +194,7 @@ class FactoredEngine(GradEngine):
     @contextlib.contextmanager
     def capturing(self):
         self.clear()
+        self._buffers.start()
         installed = []
         try:
             for h in self.handlers:
@@ -211,8 +208,8 @@ class FactoredEngine(GradEngine):
                 h.remove()
 
     # -- one micro-batch ------------------------------------------------------------------------
-    def backward(self, losses: torch.Tensor) -> None:
-        batch = losses.shape[0]
+    def backward(self, losses: torch.Tensor, layout: SampleLayout | None = None) -> None:
+        layout = resolve_layout(losses, layout)
         saved = [p.grad for _, p in self.params]
         for _, p in self.params:
             p.grad = None
@@ -232,11 +229,17 @@ class FactoredEngine(GradEngine):
                     "engine cannot see that use. Use grad_engine='opacus' for this model."
                 )
 
-        with self.small_ops(losses.device):
-            self._sketch(batch, losses.device, autograd_sums)
+        self._buffers.check()  # before the exact path re-runs any layer
 
-    def _sketch(self, batch: int, device: torch.device, autograd_sums: dict) -> None:
-        sink = SketchSink(batch)
+        # No graph: the recorded inputs are activations that require grad, and nothing here is differentiated
+        # (the exact path's torch.func.grad is a transform and ignores this).
+        with torch.no_grad(), self.small_ops(losses.device):
+            self._sketch(layout, losses.device, autograd_sums)
+        self._layout = layout
+
+    def _sketch(self, layout: SampleLayout, device: torch.device, autograd_sums: dict) -> None:
+        batch = layout.num_samples
+        sink = SketchSink(layout)
         self.replaying = True
         try:
             for h in self.handlers:
@@ -309,7 +312,13 @@ class FactoredEngine(GradEngine):
     def finite_samples(self) -> torch.Tensor:
         return self._finite
 
+    @torch.no_grad()
     def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+        if self._layout is None:
+            raise RuntimeError("accumulate_weighted_gradient needs a captured micro-batch: call backward() first")
+        if alpha.shape != (self._layout.num_samples,):
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected ({self._layout.num_samples},): one "
+                             f"weight per sample of the last backward ({self._layout!r})")
         keep = alpha != 0
         coef = torch.where(keep, alpha.double() * scale, torch.zeros((), dtype=torch.float64, device=alpha.device))
         coef = coef.to(torch.float32).to(self._finite.device)
@@ -318,7 +327,7 @@ class FactoredEngine(GradEngine):
         # A left-out sample holding inf/NaN must contribute exact zeros (0 · NaN is NaN): handlers zero it.
         bad = bad if bool(bad.any()) else None
         for h in self.handlers:
-            h.accumulate(coef, bad)
+            h.accumulate(coef, bad, self._layout)
         for _, p in self.params:
             g = self._exact.get(id(p))
             if g is None:
@@ -333,3 +342,4 @@ class FactoredEngine(GradEngine):
         self._z = None
         self._finite = None
         self._exact = {}
+        self._layout = None

@@ -13,6 +13,13 @@ with α_i = 0 is still NaN when sample i's activations are. So:
 - a non-finite *gradient* from finite losses (an overflow in the backward) is only seen after it: the
   micro-batch's contribution is dropped whole, the gradients accumulated so far are kept, and the
   trainer counts its samples as left out (`samples_dropped_after_weighting`).
+
+With `keep_nonfinite=True` (fp16 with a GradScaler) none of that happens: the weighted backward runs as it
+is and whatever it gives, inf/NaN included, is added to `.grad` — the scaler then sees the overflow and
+skips the step, as it does for the plain `Trainer`.
+
+The losses are one per sample of the batch's `SampleLayout` (rows or packed segments): this engine only
+needs them, so any layout works.
 """
 
 from __future__ import annotations
@@ -22,24 +29,38 @@ import logging
 import torch
 from torch import nn
 
-from .base import GradEngine
+from .base import GradEngine, resolve_layout
+from .layout import SampleLayout
 
 logger = logging.getLogger(__name__)
 
 
 class LossOnlyEngine(GradEngine):
-    """Per-sample losses only; `accumulate_weighted_gradient` backpropagates Σ α_i ℓ_i once."""
+    """Per-sample losses only; `accumulate_weighted_gradient` backpropagates Σ α_i ℓ_i once.
+
+    Args:
+        model: the model whose trainable parameters receive the weighted gradient.
+        keep_nonfinite: False (default): a micro-batch whose weighted gradient is not finite is left out (its
+            `.grad` contribution dropped, the samples counted by `samples_dropped_after_weighting`), and a
+            non-finite loss is an error (the trainer redoes that micro-batch per sample). True: non-finite
+            losses and gradients are back-propagated and accumulated as they are, for a GradScaler to detect
+            (fp16); nothing is dropped. Also settable as an attribute.
+    """
 
     name = "loss-only"
     computes_sketches = False
 
-    def __init__(self, model: nn.Module, *, projection_dim: int = 0, seed: int = 0):
+    def __init__(self, model: nn.Module, *, projection_dim: int = 0, seed: int = 0, keep_nonfinite: bool = False):
         super().__init__(model, projection_dim=projection_dim, seed=seed)
+        if not isinstance(keep_nonfinite, bool):
+            raise ValueError(f"keep_nonfinite must be True or False, got {keep_nonfinite!r}")
+        self.keep_nonfinite = keep_nonfinite
         self._losses: torch.Tensor | None = None
         self._dropped = 0
 
-    def backward(self, losses: torch.Tensor) -> None:
+    def backward(self, losses: torch.Tensor, layout: SampleLayout | None = None) -> None:
         # Nothing to do yet: the only backward this engine runs needs α.
+        resolve_layout(losses, layout)
         self._losses = losses
         self._dropped = 0
 
@@ -54,6 +75,13 @@ class LossOnlyEngine(GradEngine):
 
     def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
         losses = self._losses
+        if alpha.shape != losses.shape:
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected {tuple(losses.shape)}: one weight per "
+                             "sample")
+        weighted = (alpha.to(device=losses.device, dtype=losses.dtype) * losses).sum() * scale
+        if self.keep_nonfinite:
+            weighted.backward()  # straight into .grad: a GradScaler sees any inf/NaN and skips the step
+            return
         if not bool(torch.isfinite(losses.detach()).all()):
             raise RuntimeError("a non-finite loss reached the loss-only backward; redo the batch per sample")
         # Back-propagate into fresh .grad tensors so that a non-finite result can be dropped without losing
@@ -61,7 +89,6 @@ class LossOnlyEngine(GradEngine):
         saved = [p.grad for _, p in self.params]
         for _, p in self.params:
             p.grad = None
-        weighted = (alpha.to(device=losses.device, dtype=losses.dtype) * losses).sum() * scale
         weighted.backward()
         new = [p.grad for _, p in self.params]
         finite = all(g is None or bool(torch.isfinite(g).all()) for g in new)

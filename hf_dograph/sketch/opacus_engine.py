@@ -2,6 +2,11 @@
 
 Exact and simple, and costly: it holds B × d numbers (d = trainable parameters) and projects them
 with a k × d Gaussian generated block by block. Use it to check the fast engine, and for small models.
+
+Opacus gives one gradient per *row* of the batch, so this engine refuses packed sequences (a segment
+`SampleLayout`): use `grad_engine='factored'` for those. What it adjusts in Opacus (padding rows of tied
+embeddings, scaled embeddings, layers with constant buffers, non-reentrant activation checkpointing) is in
+`opacus_hooks`.
 """
 
 from __future__ import annotations
@@ -13,7 +18,9 @@ import warnings
 import torch
 from torch import nn
 
-from .base import GradEngine, UnsupportedLayerError, register_engine
+from .base import GradEngine, UnsupportedLayerError, register_engine, resolve_layout
+from .buffers import BufferWatch, refuse_stateful_layers
+from .layout import SampleLayout
 from .projection import BlockGaussianProjection
 
 logger = logging.getLogger(__name__)
@@ -26,16 +33,6 @@ def _clear_grad_sample(p: nn.Parameter) -> None:
         del p._current_grad_sample
 
 
-def _unsupported_layers(model: nn.Module) -> list[str]:
-    """Trainable layers Opacus cannot give per-sample gradients for (trainable params and buffers)."""
-    out = []
-    for name, module in model.named_modules():
-        own_trainable = any(p.requires_grad for p in module.parameters(recurse=False))
-        if own_trainable and any(True for _ in module.buffers(recurse=False)):
-            out.append(f"{name or '<root>'} ({type(module).__name__})")
-    return out
-
-
 @register_engine
 class OpacusEngine(GradEngine):
     """Per-sample gradients from `opacus.grad_sample.GradSampleHooks` (no wrapping: names and type stay)."""
@@ -44,35 +41,24 @@ class OpacusEngine(GradEngine):
 
     def __init__(self, model: nn.Module, *, projection_dim: int, seed: int):
         super().__init__(model, projection_dim=projection_dim, seed=seed)
-        bad = _unsupported_layers(model)
-        if bad:
-            raise UnsupportedLayerError(
-                "DoGraph cannot compute per-sample gradients for these trainable layers, which keep running "
-                f"statistics in buffers: {', '.join(bad)}. Freeze them (requires_grad=False) or replace them "
-                "(e.g. BatchNorm → LayerNorm/GroupNorm)."
-            )
+        refuse_stateful_layers(model)
         # One independent projection block-stream per parameter; together they are one k × d Gaussian R.
         self.projections = [
             BlockGaussianProjection(p.numel(), self.projection_dim, seed=self.seed, stream=i)
             for i, (_, p) in enumerate(self.params)
         ]
-        # Opacus' embedding sampler ignores padding_idx; autograd gives that row no gradient. Remember the rows.
-        self._padding_rows = {
-            id(m.weight): m.padding_idx
-            for m in model.modules()
-            if isinstance(m, nn.Embedding) and m.padding_idx is not None and m.weight.requires_grad
-        }
+        self._buffers = BufferWatch(model)
         self._hooks = None
         self._per_sample: list[torch.Tensor] | None = None
         self._finite: torch.Tensor | None = None
 
     # -- lifetime -------------------------------------------------------------------------------
     def attach(self) -> None:
-        from opacus.grad_sample import GradSampleHooks
+        from .opacus_hooks import DoGraphGradSampleHooks
 
         if self._hooks is None:
             # loss_reduction="sum": we back-propagate Σ_i ℓ_i, so grad_sample[i] = ∇ℓ_i exactly.
-            self._hooks = GradSampleHooks(self.model, batch_first=True, loss_reduction="sum", strict=False)
+            self._hooks = DoGraphGradSampleHooks(self.model)
             self._hooks.disable_hooks()
 
     def detach(self) -> None:
@@ -90,6 +76,12 @@ class OpacusEngine(GradEngine):
         self.attach()
         for _, p in self.params:
             _clear_grad_sample(p)
+            if hasattr(p, "_forward_counter"):
+                p._forward_counter = 0  # a step that failed half-way leaves its count behind
+        for m in self.model.modules():  # …and its activations
+            if getattr(m, "activations", None):
+                m.activations = []
+        self._buffers.start()
         self._hooks.enable_hooks()
         try:
             yield
@@ -97,7 +89,13 @@ class OpacusEngine(GradEngine):
             self._hooks.disable_hooks()
 
     # -- one micro-batch ------------------------------------------------------------------------
-    def backward(self, losses: torch.Tensor) -> None:
+    def backward(self, losses: torch.Tensor, layout: SampleLayout | None = None) -> None:
+        layout = resolve_layout(losses, layout)
+        if not layout.is_rows:
+            raise UnsupportedLayerError(
+                f"grad_engine='opacus' computes one gradient per batch row and cannot split packed sequences "
+                f"({layout!r}) into samples: use grad_engine='factored' with packing, or train unpacked."
+            )
         saved = [p.grad for _, p in self.params]
         for _, p in self.params:
             p.grad = None
@@ -107,6 +105,13 @@ class OpacusEngine(GradEngine):
                 # gradients only: that is what Opacus needs.
                 warnings.filterwarnings("ignore", message="Full backward hook is firing")
                 losses.sum().backward()
+        except Exception as err:
+            # A sampler re-running a layer that writes its buffers fails inside the backward: name the layer.
+            try:
+                self._buffers.check()
+            except UnsupportedLayerError as named:
+                raise named from err
+            raise
         finally:
             # The unweighted Σ g_i that autograd just wrote is not the step's gradient: put back what was there.
             for (_, p), g in zip(self.params, saved):
@@ -121,14 +126,8 @@ class OpacusEngine(GradEngine):
                     "Opacus can hook (e.g. a bare nn.Parameter used in a custom forward). Freeze it, or wrap "
                     "its use in an nn.Module."
                 )
-            pad = self._padding_rows.get(id(p))
-            if isinstance(gs, list):  # tied weights (GPT-2 wte = lm_head): one entry per using module
-                if pad is not None:
-                    # Hooks fire in backward order, so the embedding (first in the forward) comes last.
-                    gs[-1][:, pad] = 0
+            if isinstance(gs, list):  # a weight whose uses Opacus did not sum (older Opacus): one entry per use
                 gs = torch.stack(gs).sum(0)
-            elif pad is not None:
-                gs[:, pad] = 0
             if gs.shape[0] != batch:
                 raise UnsupportedLayerError(
                     f"parameter {name!r} got a per-sample gradient for {gs.shape[0]} samples instead of "
@@ -140,6 +139,7 @@ class OpacusEngine(GradEngine):
         self._finite = torch.stack([torch.isfinite(g).all(dim=1) for g in per_sample]).all(dim=0)
         for _, p in self.params:
             _clear_grad_sample(p)
+        self._buffers.check()
 
     def per_sample_gradients(self) -> dict[str, torch.Tensor]:
         """{name: (B, *shape)} the per-sample gradients of the last `backward` (for tests and inspection)."""
@@ -157,6 +157,11 @@ class OpacusEngine(GradEngine):
         return self._finite
 
     def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+        if self._per_sample is None:
+            raise RuntimeError("accumulate_weighted_gradient needs a captured micro-batch: call backward() first")
+        if alpha.shape != (self._finite.shape[0],):
+            raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected ({self._finite.shape[0]},): one weight "
+                             "per sample of the last backward")
         keep = alpha != 0
         a = (alpha[keep] * scale).to(torch.float32)
         for (_, p), g in zip(self.params, self._per_sample):

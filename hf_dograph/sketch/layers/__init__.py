@@ -4,8 +4,12 @@
 trainable parameters and that no handler supports go to `GenericHandler` (exact per-sample gradients by
 `torch.func`, i.e. the reference path), which the engine names in its log.
 
-To add a layer type: subclass `LayerHandler` in a new file, decorate it with `@register_layer`, import the
-file below.
+To add a layer type: subclass `LayerHandler` (usually `DeferredHandler`, whose patched forward runs an
+autograd Function, or `TappedHandler`, which keeps the module's own forward) in a new file, decorate it with
+`@register_layer`, import the file below. A handler's layer hands it what its backward saw through
+`record.record(tensors, handler.key, copy)` → `handler.receive(tensors)` (see `record.py`: that path works
+under torch.compile without graph breaks); `collect` and `accumulate` then work per sample through the
+micro-batch's `SampleLayout`.
 """
 
 from __future__ import annotations

@@ -5,9 +5,14 @@ calls (`install` / `remove`), keeps what the per-sample gradients of the module'
 can be rebuilt from, and afterwards
 
 * `collect` — writes each sample's sketch contribution into the engine's `SketchSink`:
-  a (B, f_r, f_c) *factored* sketch for a 2-D weight (`add_factored`) or the exact (B, numel)
+  a (S, f_r, f_c) *factored* sketch for a 2-D weight (`add_factored`) or the exact (S, numel)
   per-sample gradient of a small parameter (`add_exact`);
-* `accumulate` — adds Σ_i c_i g_i of its factored weights into `.grad` (c_i = scale · α_i), exactly.
+* `accumulate` — adds Σ_s c_s g_s of its factored weights into `.grad` (c_s = scale · α_s), exactly.
+
+Samples are those of the micro-batch's `SampleLayout` (`sink.layout`, and the `layout` argument of
+`accumulate`): rows of the batch, or packed segments of rows. Handlers work on token tensors (B, T, F) and
+use the layout's helpers (`token_view`, `padded`, `sum_tokens`, `scale_tokens`, `zero_tokens`) to turn
+them into per-sample quantities, so one code path serves both.
 
 The engine owns everything that is shared between handlers (projection matrices per weight, the final
 hashing into `projection_dim`), so that a weight used by two modules (GPT-2's tied `wte` / `lm_head`)
@@ -23,7 +28,9 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
+from ..layout import SampleLayout
 from ..projection import gaussian_matrix
+from .record import register_recipient
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..factored import FactoredEngine
@@ -40,15 +47,6 @@ def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | No
     if t is None or dtype is None or not t.is_floating_point() or t.dtype == dtype:
         return t
     return t.to(dtype)
-
-
-def batch_rows(t: torch.Tensor, batch: int, features: int, what: str) -> torch.Tensor:
-    """View `t` (batch-first, features last) as (B, tokens, features)."""
-    if t.dim() < 2 or t.shape[0] != batch:
-        raise ValueError(
-            f"{what}: expected a batch-first tensor with batch size {batch}, got shape {tuple(t.shape)}"
-        )
-    return t.reshape(batch, -1, features)
 
 
 class WeightSlot:
@@ -111,10 +109,11 @@ class WeightSlot:
 class SketchSink:
     """Where handlers put per-sample sketch material during `collect` (one micro-batch)."""
 
-    def __init__(self, batch: int):
-        self.batch = batch
-        self.factored: dict[int, torch.Tensor] = {}  # id(weight) → (B, f_r, f_c) float32
-        self.exact: dict[int, torch.Tensor] = {}  # id(param) → (B, numel) float32
+    def __init__(self, layout: SampleLayout):
+        self.layout = layout
+        self.num_samples = layout.num_samples
+        self.factored: dict[int, torch.Tensor] = {}  # id(weight) → (S, f_r, f_c) float32
+        self.exact: dict[int, torch.Tensor] = {}  # id(param) → (S, numel) float32
 
     def add_factored(self, param: nn.Parameter, s: torch.Tensor) -> None:
         key = id(param)
@@ -123,20 +122,23 @@ class SketchSink:
 
     def add_exact(self, param: nn.Parameter, g: torch.Tensor) -> None:
         key = id(param)
-        g = g.float().reshape(self.batch, -1)
+        g = g.float().reshape(self.num_samples, -1)
         self.exact[key] = g if key not in self.exact else self.exact[key] + g
 
 
 @dataclass
 class CallRecord:
-    """One call of a module during the captured forward; filled in by the backward."""
+    """One call of a module: what its backward saw (the output gradient δ and the tensors saved in the forward)."""
 
     tensors: dict = field(default_factory=dict)
     done: bool = False
 
 
 class LayerHandler:
-    """Base class of the per-module handlers (see the module docstring)."""
+    """Base class of the per-module handlers (see the module docstring).
+
+    A handler's layer hands it one record per call, from the layer's backward, through `receive` (see
+    `record.py`: the op that carries them works in eager and compiled code alike)."""
 
     #: short name used in logs
     kind: ClassVar[str] = "layer"
@@ -146,6 +148,7 @@ class LayerHandler:
         self.module = module
         self.engine = engine
         self.records: list[CallRecord] = []
+        self.key = register_recipient(self)
 
     @classmethod
     def supports(cls, module: nn.Module) -> bool:
@@ -170,14 +173,19 @@ class LayerHandler:
     def remove(self) -> None:
         raise NotImplementedError
 
+    def receive(self, tensors: list[torch.Tensor]) -> None:
+        """One call's tensors, from its backward (the order is the handler's own)."""
+        raise NotImplementedError
+
     def collect(self, sink: SketchSink) -> None:
         raise NotImplementedError
 
-    def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
-        """weight.grad += Σ_i coef_i G_i for the factored weights, exactly.
+    def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None, layout: SampleLayout) -> None:
+        """weight.grad += Σ_s coef_s G_s for the factored weights, exactly.
 
-        coef_i = 0 for left-out samples. `bad` (B,) bool, when given, marks left-out samples whose tensors
-        hold inf/NaN: their rows must contribute exact zeros (0 · NaN would be NaN), see `drop_rows`."""
+        coef_s = 0 for left-out samples. `bad` (S,) bool, when given, marks left-out samples whose tensors
+        hold inf/NaN: their tokens must contribute exact zeros (0 · NaN would be NaN), see
+        `SampleLayout.scale_tokens` / `zero_tokens`."""
 
     def done_records(self) -> list[CallRecord]:
         return [r for r in self.records if r.done]
@@ -186,10 +194,11 @@ class LayerHandler:
         self.records = []
 
 
-class DeferredHandler(LayerHandler):
-    """A handler that, while installed, swaps its module's `forward` for a custom autograd Function which
-    records the call and defers the weight gradient (linear maps, embeddings). Subclasses give that call in
-    `_deferred_forward`."""
+class PatchedHandler(LayerHandler):
+    """A handler that, while installed, swaps its module instance's `forward` for `_recorded_forward` during a
+    recorded training forward; outside one (evaluation, no grad, the engine's own replays) the module's own
+    forward runs unchanged. The patch object is the same for the whole run, so compiled code that guards on
+    the module's `forward` sees the same function every step."""
 
     def __init__(self, name: str, module: nn.Module, engine: FactoredEngine):
         super().__init__(name, module, engine)
@@ -201,16 +210,30 @@ class DeferredHandler(LayerHandler):
     def remove(self) -> None:
         self._patch.remove()
 
-    def _forward(self, input, *args, **kwargs):
-        # Outside a recorded training forward (extra arguments, evaluation, a replay, no grad) the module's
-        # own forward runs unchanged.
-        if args or kwargs or not self.engine.recording or self.engine.replaying or not torch.is_grad_enabled():
-            return self._patch.original(input, *args, **kwargs)
-        rec = CallRecord()
-        self.records.append(rec)
-        return self._deferred_forward(input, rec)
+    def _active(self) -> bool:
+        eng = self.engine
+        return eng.recording and not eng.replaying and torch.is_grad_enabled()
 
-    def _deferred_forward(self, input: torch.Tensor, rec: CallRecord) -> torch.Tensor:
+    def _forward(self, *args, **kwargs):
+        if not self._active():
+            return self._patch.original(*args, **kwargs)
+        return self._recorded_forward(*args, **kwargs)
+
+    def _recorded_forward(self, *args, **kwargs):
+        raise NotImplementedError
+
+
+class DeferredHandler(PatchedHandler):
+    """A handler whose recorded forward is a custom autograd Function that defers the weight gradient and
+    records (δ, inputs) in its backward (linear maps, embeddings). Subclasses give that call in
+    `_deferred_forward(input)`; calls with other arguments run the module's own forward."""
+
+    def _forward(self, *args, **kwargs):
+        if len(args) != 1 or kwargs or not self._active():
+            return self._patch.original(*args, **kwargs)
+        return self._deferred_forward(args[0])
+
+    def _deferred_forward(self, input: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -241,25 +264,3 @@ def add_to_grad(param: nn.Parameter, contrib: torch.Tensor) -> None:
         param.grad = contrib.clone() if contrib._base is not None else contrib
     else:
         param.grad.add_(contrib)
-
-
-def scaled(x: torch.Tensor, coef: torch.Tensor, bad: torch.Tensor | None = None) -> torch.Tensor:
-    """x (B, ...) with sample i multiplied by coef_i: one temporary the size of x. Rows of `bad` samples
-    are set to exact zeros (whatever x holds there)."""
-    out = x * coef.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-    if bad is not None:
-        out[bad] = 0
-    return out
-
-
-def drop_rows(x: torch.Tensor, bad: torch.Tensor | None, *, in_place: bool) -> torch.Tensor:
-    """x with the rows of `bad` samples zeroed. In place for output gradients δ: they are the engine's own
-    (autograd handed them to the layer's backward), everything else derived from them is already computed,
-    and those samples are left out of every sum, so this avoids a copy of e.g. the B×T×V logits gradient.
-    Saved inputs may be tensors the caller also sees (hidden states): those are copied."""
-    if bad is None:
-        return x
-    if in_place:
-        x[bad] = 0
-        return x
-    return x.masked_fill(bad.reshape(-1, *([1] * (x.dim() - 1))), 0)

@@ -5,10 +5,12 @@ While capturing, the module's forward runs through `_DeferredLinear`, whose forw
 whose backward returns the input gradient δ·W only: autograd never forms dW (the costly half of a linear
 layer's backward). The backward keeps δ (the gradient at the output) and the saved input a. Then
 
-* sketch:   S_i = Σ_t (P_o δ_{i,t})(P_n a_{i,t})ᵀ          (METHOD.md, "factored sketch")
-* bias:     g_i = Σ_t δ_{i,t}, exact, small
-* weighted: dW += Σ_i c_i Σ_t δ_{i,t} a_{i,t}ᵀ = δᵀ (c ⊙ a)  — one matmul, the same cost as the dW that
-  the plain backward would have computed.
+* sketch:   S_s = Σ_{t∈s} (P_o δ_t)(P_n a_t)ᵀ          (METHOD.md, "factored sketch")
+* bias:     g_s = Σ_{t∈s} δ_t, exact, small
+* weighted: dW += Σ_s c_s Σ_{t∈s} δ_t a_tᵀ = δᵀ (c ⊙ a)  — one matmul, the same cost as the dW that
+  the plain backward would have computed (c per token: its sample's coefficient).
+
+t ∈ s: the tokens of sample s — a row of the batch, or a packed segment (`SampleLayout`).
 """
 
 from __future__ import annotations
@@ -24,11 +26,9 @@ from .base import (
     SketchSink,
     add_to_grad,
     autocast_dtype,
-    batch_rows,
     cast,
-    drop_rows,
-    scaled,
 )
+from .record import compiling, record
 
 try:  # HF's GPT-2 style "Conv1D": y = x @ W + b with W stored (in, out)
     from transformers.pytorch_utils import Conv1D
@@ -37,10 +37,10 @@ except ImportError:  # pragma: no cover - transformers is a dependency, but keep
 
 
 class _DeferredLinear(torch.autograd.Function):
-    """y = x Wᵀ + b (or x W + b for Conv1D); backward gives the input gradient only and records δ, a."""
+    """y = x Wᵀ + b (or x W + b for Conv1D); backward gives the input gradient only and records (δ, a)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, record: CallRecord, transposed: bool, keep_input: bool):
+    def forward(ctx, x, weight, bias, key: int, transposed: bool, keep_input: bool, copy: bool):
         # Autocast is honoured by hand, the way it treats linear/addmm: inputs cast to its dtype. The casts
         # are made here (not by autocast inside) so that the tensors saved for backward are known.
         dt = autocast_dtype(x.device.type)
@@ -52,24 +52,23 @@ class _DeferredLinear(torch.autograd.Function):
                 y = y.view(*xc.shape[:-1], wc.shape[1])
             else:
                 y = F.linear(xc, wc, bc)
-        ctx.save_for_backward(xc if keep_input else None, wc)
-        ctx.record = record
-        ctx.transposed = transposed
-        ctx.x_dtype = x.dtype
+        if keep_input:
+            ctx.save_for_backward(wc, xc)
+        else:
+            ctx.save_for_backward(wc)
+        ctx.key, ctx.copy, ctx.transposed, ctx.x_dtype = key, copy, transposed, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xc, wc = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        wc = saved[0]
         gx = None
         if ctx.needs_input_grad[0]:
             gx = (gy @ (wc.T if ctx.transposed else wc)).to(ctx.x_dtype)
-        rec = ctx.record
-        rec.tensors["delta"] = gy
-        if xc is not None:  # read here, not at forward time: activation checkpointing may have recomputed it
-            rec.tensors["input"] = xc
-        rec.done = True
-        return gx, None, None, None, None, None
+        # The input is read here, not at forward time: activation checkpointing may have recomputed it.
+        record([gy, *saved[1:]], ctx.key, ctx.copy)
+        return gx, None, None, None, None, None, None
 
 
 def _is_plain(module: nn.Module, cls: type) -> bool:
@@ -104,43 +103,54 @@ class LinearHandler(DeferredHandler):
     def deferred_params(self):
         return self.factored_params() + self.exact_params()
 
-    def _deferred_forward(self, input, rec):
+    def _deferred_forward(self, input):
         m = self.module
-        return _DeferredLinear.apply(input, m.weight, m.bias, rec, self.transposed, self.weight is not None)
+        return _DeferredLinear.apply(input, m.weight, m.bias, self.key, self.transposed, self.weight is not None,
+                                     compiling())
+
+    def receive(self, tensors):
+        rec = CallRecord(tensors={"delta": tensors[0]}, done=True)
+        if len(tensors) > 1:
+            rec.tensors["input"] = tensors[1]
+        self.records.append(rec)
 
     # ------------------------------------------------------------------ after the backward
-    def _rows(self, rec: CallRecord, batch: int):
+    def _rows(self, rec: CallRecord, layout):
         what = f"{self.name} ({type(self.module).__name__})"
-        d = batch_rows(rec.tensors["delta"], batch, self.out_features, what)
+        d = layout.token_view(rec.tensors["delta"], self.out_features, what)
         a = rec.tensors.get("input")
-        a = batch_rows(a, batch, self.in_features, what) if a is not None else None
+        a = layout.token_view(a, self.in_features, what) if a is not None else None
         return d, a
 
     def collect(self, sink: SketchSink) -> None:
+        layout = sink.layout
         for rec in self.done_records():
-            d, a = self._rows(rec, sink.batch)
+            d, a = self._rows(rec, layout)
             if self.weight is not None:
                 slot = self.engine.slot(self.weight)
                 # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
                 left, right = (a, d) if self.transposed else (d, a)
-                u = slot.project(left, 0).float()
-                v = slot.project(right.to(left.dtype), 1).float()
+                # Project first (f columns), then gather each sample's tokens: the copy is f wide.
+                u = layout.padded(slot.project(left, 0).float())
+                v = layout.padded(slot.project(right.to(left.dtype), 1).float())
                 sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
             if self.bias is not None:
-                sink.add_exact(self.bias, d.sum(dim=1, dtype=torch.float32))
+                sink.add_exact(self.bias, layout.sum_tokens(d.float()))
 
-    def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
+    def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None, layout) -> None:
         if self.weight is None:
             return
         for rec in self.done_records():
-            d, a = self._rows(rec, coef.shape[0])
+            d, a = self._rows(rec, layout)
             with self.engine.small_ops(d.device):
                 a = a.to(d.dtype)
-                # Scale whichever side is narrower: the temporary is then the smaller of the two.
+                # Scale whichever side is narrower: the temporary is then the smaller of the two. The other
+                # side gets exact zeros where the scaled one does (0 · NaN would be NaN); δ is the engine's
+                # own tensor, so in place.
                 if a.shape[-1] <= d.shape[-1]:
-                    a, d = scaled(a, coef, bad), drop_rows(d, bad, in_place=True)
+                    a, d = layout.scale_tokens(a, coef, bad), layout.zero_tokens(d, bad, in_place=True)
                 else:
-                    d, a = scaled(d, coef, bad), drop_rows(a, bad, in_place=False)
+                    d, a = layout.scale_tokens(d, coef, bad), layout.zero_tokens(a, bad, in_place=False)
             d2, a2 = d.reshape(-1, d.shape[-1]), a.reshape(-1, a.shape[-1])
             left, right = (a2.T, d2) if self.transposed else (d2.T, a2)
             g = self.weight.grad

@@ -1,0 +1,92 @@
+"""K-means in torch, on the sketches' device, without a device→host synchronization.
+
+The persistent domain model refits its centroids every few optimizer steps on a window of a few hundred
+sketches. scikit-learn would need the sketches on the host (a copy and a synchronization per refit on a GPU)
+and stops at convergence (a data-dependent loop). Here everything is tensor ops with a fixed amount of work:
+
+* k-means++ seeding with the sampling done by the Gumbel-max trick (argmax of log-weight + Gumbel noise is a
+  draw from the normalized weights), so no `multinomial` and no host-side branching;
+* `n_init` seedings run together as a batch; a fixed number of Lloyd iterations; an empty cluster keeps its
+  previous centroid; the restart with the least inertia is kept (argmin on the device).
+
+Rows carry weights (0 for padding / left-out rows), so a fixed-capacity window can be clustered as it is.
+The result depends only on the rows in their given order and on the generator: the caller keeps a canonical
+row order (see `domain_model.canonical_order`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """‖x_i − c_j‖² for rows x (N, k) and centroids (..., m, k) → (..., N, m), clamped at 0."""
+    x2 = (x * x).sum(-1)
+    c2 = (centroids * centroids).sum(-1)
+    cross = torch.matmul(centroids, x.T).transpose(-1, -2)  # (..., N, m)
+    return (x2[..., :, None] - 2.0 * cross + c2[..., None, :]).clamp_(min=0.0)
+
+
+def _gumbel_argmax(log_weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A draw from softmax(log_weights) along the last axis (one per leading index)."""
+    u = torch.rand(log_weights.shape, generator=generator, device=log_weights.device, dtype=log_weights.dtype)
+    gumbel = -torch.log(-torch.log(u.clamp(min=1e-20, max=1.0 - 1e-7)))
+    return (log_weights + gumbel).argmax(dim=-1)
+
+
+def kmeans_plus_plus(x: torch.Tensor, weights: torch.Tensor, m: int, n_init: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """`n_init` k-means++ seedings of m centroids each, (n_init, m, k), rows drawn ∝ weight · D²."""
+    n = x.shape[0]
+    log_w = torch.where(weights > 0, weights.clamp(min=1e-30).log(), torch.full_like(weights, -float("inf")))
+    first = _gumbel_argmax(log_w.expand(n_init, n), generator)  # (R,)
+    centroids = x[first].unsqueeze(1)  # (R, 1, k)
+    best = squared_distances(x, centroids).squeeze(-1)  # (R, N)
+    for _ in range(1, m):
+        # ∝ weight · D²; rows at distance 0 (duplicates) keep a tiny chance so that a draw always exists.
+        score = log_w + best.clamp(min=1e-30).log()
+        nxt = x[_gumbel_argmax(score, generator)]  # (R, k)
+        centroids = torch.cat([centroids, nxt.unsqueeze(1)], dim=1)
+        best = torch.minimum(best, squared_distances(x, nxt.unsqueeze(1)).squeeze(-1))
+    return centroids
+
+
+def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+    """`iters` Lloyd iterations for a batch of centroid sets (R, m, k); weighted means; an empty cluster keeps
+    its previous centroid."""
+    m = centroids.shape[-2]
+    for _ in range(iters):
+        assign = squared_distances(x, centroids).argmin(dim=-1)  # (R, N)
+        onehot = torch.nn.functional.one_hot(assign, m).to(x.dtype) * weights[None, :, None]  # (R, N, m)
+        counts = onehot.sum(dim=1)  # (R, m)
+        sums = torch.matmul(onehot.transpose(1, 2), x)  # (R, m, k)
+        means = sums / counts.clamp(min=1e-30)[..., None]
+        centroids = torch.where(counts[..., None] > 0, means, centroids)
+    return centroids
+
+
+def kmeans(x: torch.Tensor, weights: torch.Tensor, m: int, *, n_init: int, iters: int,
+           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids (m, k) of the weighted rows x (N, k) and their inertia Σ_i w_i min_j ‖x_i − c_j‖² (0-dim)."""
+    x = x.float()
+    weights = weights.to(x.dtype)
+    init = kmeans_plus_plus(x, weights, m, n_init, generator)
+    centroids = lloyd(x, weights, init, iters)
+    inertia = (squared_distances(x, centroids).min(dim=-1).values * weights).sum(dim=-1)  # (R,)
+    best = inertia.argmin()
+    return centroids[best], inertia[best]
+
+
+def match_centroids(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """A permutation `perm` of the new centroids so that new[perm[j]] continues old domain j (greedy matching
+    on squared distance, closest pair first): domain j keeps its identity across refits. Both (m, k)."""
+    m = new.shape[0]
+    cost = squared_distances(new, old).clone()  # (m_new, m_old)
+    perm = torch.zeros(m, dtype=torch.long, device=new.device)
+    inf = torch.tensor(float("inf"), device=new.device, dtype=cost.dtype)
+    for _ in range(m):
+        flat = cost.flatten().argmin()
+        i, j = flat // m, flat % m
+        perm = perm.scatter(0, j.reshape(1), i.reshape(1))
+        cost = cost.index_fill(0, i.reshape(1), inf).index_fill(1, j.reshape(1), inf)
+    return perm
