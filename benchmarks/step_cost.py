@@ -34,12 +34,15 @@ import subprocess
 import sys
 import time
 
-MODELS = {  # name → (n_layer, n_embd)
-    "4x256": (4, 256),
-    "6x512": (6, 512),
-    "12x768": (12, 768),  # GPT-2 small (124M)
+MODELS = {  # name → (n_layer, n_embd, vocabulary)
+    "2x64": (2, 64, 259),  # the embedded default's size (bytes)
+    "2x128": (2, 128, 256),
+    "4x256": (4, 256, 8192),
+    "6x512": (6, 512, 8192),
+    "12x768": (12, 768, 50257),  # GPT-2 small (124M)
 }
-VOCAB = 50257
+# The grid of the project's issue on step cost: (model, batch, sequence length).
+GRID = [("2x64", 16, 128), ("2x128", 32, 128), ("4x256", 16, 256), ("6x512", 8, 256)]
 
 
 # ---------------------------------------------------------------------------------------------- worker
@@ -53,24 +56,25 @@ def _cpu_seconds() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _token_batches(spec: dict, count: int) -> list:
+def token_batches(spec: dict, count: int) -> list:
     """`count` batches of random token ids, (B, seq) each, the same stream (seed 1) in every worker."""
     import torch
 
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(0, VOCAB, (spec["batch"], spec["seq"]), generator=g) for _ in range(count)]
+    vocab = MODELS[spec["model"]][2]
+    return [torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g) for _ in range(count)]
 
 
-def _model_for(spec: dict):
+def model_for(spec: dict):
     """The GPT-2 of `spec` (weights from seed 0, dropout 0), built after applying its thread setting."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
-    n_layer, n_embd = MODELS[spec["model"]]
+    n_layer, n_embd, vocab = MODELS[spec["model"]]
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=spec["seq"], n_embd=n_embd, n_layer=n_layer,
+    cfg = GPT2Config(vocab_size=vocab, n_positions=spec["seq"], n_embd=n_embd, n_layer=n_layer,
                      n_head=max(1, n_embd // 64), resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     return GPT2LMHeadModel(cfg)
 
@@ -87,8 +91,10 @@ def run_point(spec: dict) -> dict:
     device = spec["device"]
     batch = spec["batch"]
     steps = spec["warmup"] + spec["steps"]
-    model = _model_for(spec)
-    ids = torch.cat(_token_batches(spec, steps))
+    import torch.nn  # noqa: F401 - everything the step needs is loaded before the baseline is read
+    libraries_mb = _rss_now_mb() if device == "cpu" else 0.0
+    model = model_for(spec)
+    ids = torch.cat(token_batches(spec, steps))
     data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist(),
                               "attention_mask": torch.ones_like(ids).tolist()})
 
@@ -118,7 +124,9 @@ def run_point(spec: dict) -> dict:
         args = TrainingArguments(**common)
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()])
     else:
-        args = DoGraphConfig(**common, grad_engine=kind, projection_dim=spec["projection_dim"])
+        # domains fitted after the first step: the measured steps are weighted ones
+        args = DoGraphConfig(**common, grad_engine=kind, projection_dim=spec["projection_dim"],
+                             domain_warmup_samples=batch)
         trainer = DoGraphTrainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Timer()])
     # Allocate the optimizer's state before measuring (a step with zero gradients: Adam leaves the weights
     # as they are), so that one measured step shows the steady-state peak, optimizer state included.
@@ -140,8 +148,11 @@ def run_point(spec: dict) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     measured = times[spec["warmup"]:] or times
     measured_cpu = cpu_times[spec["warmup"]:] or cpu_times
+    # Training memory: the peak beyond the libraries (weights, gradients, optimizer state, activations, and
+    # DoGraph's kept activations / output gradients, sketches and domain model).
     out = dict(spec, times=times, cpu_times=cpu_times, step_s=statistics.median(measured),
-               cpu_s=statistics.median(measured_cpu), peak_mb=peak, base_mb=base, step_peak_mb=peak - base)
+               cpu_s=statistics.median(measured_cpu), peak_mb=peak, base_mb=base, step_peak_mb=peak - base,
+               training_mb=peak - libraries_mb)
     if kind == "factored":
         out["engine"] = {k: v for k, v in trainer.grad_engine.describe().items() if k in
                          ("sketch_input_dim", "factor_dim", "projection_dim", "fallback_modules")}
@@ -166,16 +177,16 @@ def run_paired(spec: dict) -> dict:
     device = spec["device"]
     batch = spec["batch"]
     rounds = spec["warmup"] + spec["steps"]
-    base_model = _model_for(spec)
+    base_model = model_for(spec)
     batches = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-               for ids in _token_batches(spec, rounds)]
+               for ids in token_batches(spec, rounds)]
     common = dict(output_dir=f"/tmp/step_cost_{os.getpid()}", per_device_train_batch_size=batch, report_to=[],
                   save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0, use_cpu=(device == "cpu"),
                   bf16=spec.get("bf16", False))
     trainers = {
         "plain": Trainer(model=copy.deepcopy(base_model), args=TrainingArguments(**common)),
         "factored": DoGraphTrainer(model=copy.deepcopy(base_model), args=DoGraphConfig(
-            **common, grad_engine="factored", projection_dim=spec["projection_dim"])),
+            **common, grad_engine="factored", projection_dim=spec["projection_dim"], domain_warmup_samples=batch)),
     }
     del base_model
     for t in trainers.values():
@@ -205,9 +216,12 @@ def run_paired(spec: dict) -> dict:
     k = spec["warmup"]
     ratio = [f / p for f, p in zip(wall["factored"][k:], wall["plain"][k:])]
     cpu_ratio = [f / p for f, p in zip(cpu["factored"][k:], cpu["plain"][k:])]
+    # The median hides DoGraph's periodic domain refits; the ratio of the sums includes them at their rate.
+    total_ratio = sum(wall["factored"][k:]) / sum(wall["plain"][k:])
     return dict(spec, wall=wall, cpu=cpu, plain_s=statistics.median(wall["plain"][k:]),
                 factored_s=statistics.median(wall["factored"][k:]), ratio=statistics.median(ratio),
-                cpu_ratio=statistics.median(cpu_ratio), ratios=ratio)
+                cpu_ratio=statistics.median(cpu_ratio), ratios=ratio, total_ratio=total_ratio,
+                spread=(min(ratio), max(ratio)), refits=trainers["factored"].dograph_strategy.model.refits)
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -230,28 +244,33 @@ def _fmt_table(results: list[dict], paired: list[dict], device: str) -> str:
     """Markdown table: one row per (model, B, trainer)."""
     plain = {(r["model"], r["batch"]): r for r in results if r["trainer"] == "plain" and "error" not in r}
     pair = {(r["model"], r["batch"]): r for r in paired if "error" not in r}
-    mem = "peak GPU MB" if device == "cuda" else "peak RSS MB"
-    head = ("| model | B | trainer | step s | × plain (paired) | CPU × plain (paired) | own-run step s | "
-            f"{mem} | × plain |\n|---|---:|---|---:|---:|---:|---:|---:|---:|")
+    mem = "peak GPU MB" if device == "cuda" else "training MB"
+    head = ("| model | B | T | trainer | step s | × plain: all steps (median, range) | CPU × plain | "
+            f"{mem} | × plain |\n|---|---:|---:|---|---:|---:|---:|---:|---:|")
     rows = [head]
     name = {"plain": "Trainer", "opacus": "DoGraph-opacus", "factored": "DoGraph-factored"}
     for r in results:
         key = (r["model"], r["batch"])
         if "error" in r:
-            rows.append(f"| {r['model']} | {r['batch']} | {name[r['trainer']]} | ({r['error']}) | | | | | |")
+            rows.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {name[r['trainer']]} | ({r['error']}) | | | | |")
             continue
         p, pr = plain.get(key), pair.get(key)
-        m_ratio = f"{r['peak_mb'] / p['peak_mb']:.2f}" if p else "—"
+        memory = r["peak_mb"] if device == "cuda" else r.get("training_mb", r["peak_mb"])
+        p_memory = (p["peak_mb"] if device == "cuda" else p.get("training_mb", p["peak_mb"])) if p else None
+        m_ratio = f"{memory / p_memory:.2f}" if p_memory else "—"
         if r["trainer"] == "plain" and pr:
-            step, t_ratio, c_ratio = f"{pr['plain_s']:.2f}", "1.00", "1.00"
+            step, t_ratio, c_ratio = f"{pr['plain_s']:.3f}", "1.00", "1.00"
         elif r["trainer"] == "factored" and pr:
-            step, t_ratio, c_ratio = f"{pr['factored_s']:.2f}", f"{pr['ratio']:.2f}", f"{pr['cpu_ratio']:.2f}"
+            lo, hi = pr.get("spread", (pr["ratio"], pr["ratio"]))
+            step = f"{pr['factored_s']:.3f}"
+            t_ratio = f"**{pr.get('total_ratio', pr['ratio']):.2f}** ({pr['ratio']:.2f}, {lo:.2f}–{hi:.2f})"
+            c_ratio = f"{pr['cpu_ratio']:.2f}"
         else:  # opacus: its own run only (tens of times the others' step: not worth pairing)
             step = f"{r['step_s']:.1f}"
             t_ratio = "—"
             c_ratio = f"{r['cpu_s'] / p['cpu_s']:.0f} (own runs)" if p else "—"
-        rows.append(f"| {r['model']} | {r['batch']} | {name[r['trainer']]} | {step} | {t_ratio} | {c_ratio} | "
-                    f"{r['step_s']:.2f} | {r['peak_mb']:.0f} | {m_ratio} |")
+        rows.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {name[r['trainer']]} | {step} | {t_ratio} | "
+                    f"{c_ratio} | {memory:.0f} | {m_ratio} |")
     return "\n".join(rows)
 
 
@@ -259,6 +278,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="4x256, B = 8/16, opacus at B = 8 only")
+    ap.add_argument("--grid", action="store_true",
+                    help="the issue's grid: 2x64 B16 T128, 2x128 B32 T128, 4x256 B16 T256, 6x512 B8 T256 "
+                         "(plain and factored; --rounds paired rounds each)")
     ap.add_argument("--models", default="4x256,6x512")
     ap.add_argument("--batch-sizes", default="8,16,32")
     ap.add_argument("--seq", type=int, default=256)
@@ -299,14 +321,18 @@ def main(argv=None) -> None:
         print(f"[{time.time() - t_start:6.0f}s] {r['model']} B={r['batch']} {what}: {msg}", file=sys.stderr, flush=True)
 
     common = dict(seq=a.seq, device=a.device, bf16=a.bf16, threads=a.threads, projection_dim=a.projection_dim)
-    for model in models:
-        for b in batches:
+    points = [(m, b, a.seq) for m in models for b in batches]
+    if a.grid:
+        points, trainers = GRID, ["plain", "factored"]
+    for model, b, seq in points:
+        common["seq"] = seq
+        if True:
             # Peak memory: each trainer in a fresh process, one step (optimizer state allocated beforehand).
             for kind in trainers:
                 if kind == "opacus" and (model not in a.opacus_models.split(",") or b not in op_batches):
                     continue
                 opacus = kind == "opacus"
-                spec = dict(common, model=model, batch=b, trainer=kind, warmup=0, steps=1)
+                spec = dict(common, model=model, batch=b, trainer=kind, warmup=1, steps=1)
                 results.append(_spawn(spec, a.timeout))
                 log(results[-1], kind)
             # Step time: plain and factored alternating in one process.

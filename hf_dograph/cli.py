@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .data.hub import HubAccessError
 from .data.spec import DataError
-from .errors import InputFileError
+from .errors import InputFileError, NonFiniteTrainingError
 from .folder_lock import FolderLockedError
 from .hub import HubReferenceError
 from .recipes import DEFAULT_RECIPE, SMOKE_HELP, RecipeError
@@ -41,7 +41,7 @@ from .run_folder import RunFolderError
 
 #: Errors whose message is the whole story (what, where, the fix): printed as one line, no traceback.
 USER_ERRORS = (RecipeError, DataError, HubAccessError, HubReferenceError, InputFileError, RunFolderError,
-               FolderLockedError)
+               FolderLockedError, NonFiniteTrainingError)
 
 logger = logging.getLogger("hf_dograph.cli")
 
@@ -205,8 +205,8 @@ def _train_one(recipe, data, tokenizer, output_dir: Path, uniform: bool, resume_
 
 def push_run(trainer, output_dir: Path) -> None:
     """Publish a finished run: its folder less checkpoints, private files and nested runs (the uniform twin
-    of --compare-uniform: `hub.push_ignore_patterns`), to the repo the Trainer created (hub_* arguments)."""
-    from .hub import push_output_dir
+    of --compare-uniform: `publish.push_ignore_patterns`), to the repo the Trainer created (hub_* arguments)."""
+    from .publish import push_output_dir
 
     finish = getattr(trainer, "_finish_current_push", None)
     if callable(finish):  # checkpoint pushes still uploading (hub_strategy): let them land first
@@ -338,12 +338,15 @@ def cmd_show(ns) -> int:
 
     recipe = load_recipe(ns.recipe, ns.set, smoke=ns.smoke)
     print(recipe.to_yaml(), end="")
+    from .distributed import launch_config_text
+
+    print(launch_config_text(None if ns.smoke else ns.recipe), end="")  # its sharded launch, if any (as comments)
     return 0
 
 
 def cmd_eval(ns) -> int:
     """Per-domain validation loss/perplexity of a model (folder or Hub reference) on a recipe's validation split."""
-    from .card import eval_command
+    from .evaluation import eval_command
     from .hub import resolve_model
     from .run_folder import model_folder_problem
 
@@ -372,7 +375,7 @@ def cmd_eval(ns) -> int:
 def cmd_push(ns) -> int:
     """Upload a run folder (weights, tokenizer, DoGraph card and state, plots) to the Hub."""
     from .folder_lock import FolderLock
-    from .hub import push_output_dir
+    from .publish import push_output_dir
 
     if not Path(ns.output_dir).is_dir():
         raise InputFileError(ns.output_dir, "no such folder", "push a run's output folder (e.g. outputs/tiny)")

@@ -6,8 +6,9 @@ docs/METHOD_NOTES.md). Here the domains are a model kept across steps:
 
 * **Window.** The sketches of the last `domain_window` samples (all ranks, in a canonical order) with their
   losses and item counts, in a fixed-capacity ring buffer on the model's device.
-* **Domains.** K-means (`kmeans.py`, on the device) on the window, refitted every `domain_refit_steps`
-  optimizer steps; each refit is matched to the previous centroids so that domain j keeps its identity.
+* **Domains.** K-means (`kmeans.py`, on the device) on the window: k-means++ seedings for the first fit, then
+  every `domain_refit_steps` optimizer steps a refit that starts from the current centroids (Lloyd, empty
+  clusters re-seeded), so that domain j keeps its identity and a refit costs one K-means run.
 * **Statistics.** Every optimizer step the window is assigned to the centroids and each domain's size,
   frequency (its share of the items), mean sketch, variance σ² and mean loss are recomputed from its ~W/m
   samples; σ² is shrunk toward the pooled within-domain variance, (ν_j σ²_j + κ σ²_pool)/(ν_j + κ).
@@ -33,7 +34,7 @@ from typing import Callable
 
 import torch
 
-from .kmeans import kmeans, match_centroids, squared_distances
+from .kmeans import kmeans, refine, squared_distances
 
 logger = logging.getLogger(__name__)
 
@@ -154,13 +155,15 @@ class PersistentDomains:
 
     def _refit(self) -> None:
         s = self.settings
-        gen = torch.Generator(device=self.z.device).manual_seed(int(s.projection_seed) * 7919 + self.refits)
-        centroids, _ = kmeans(self.z, self.valid, self.m, n_init=int(s.kmeans_n_init), iters=int(s.kmeans_max_iter),
-                              generator=gen)
-        if self.centroids is not None:
-            perm = match_centroids(centroids, self.centroids)
-            centroids = centroids[perm]
-        self.centroids = centroids
+        if self.centroids is None or self.centroids.shape[0] != self.m:
+            # The first fit: k-means++ seedings, the best of `kmeans_n_init` kept.
+            gen = torch.Generator(device=self.z.device).manual_seed(int(s.projection_seed) * 7919 + self.refits)
+            self.centroids, _ = kmeans(self.z, self.valid, self.m, n_init=int(s.kmeans_n_init),
+                                       iters=int(s.kmeans_max_iter), generator=gen)
+        else:
+            # Later refits start from the current centroids: domain j stays domain j (its weight history and
+            # smoothing stay meaningful), and the refit costs one K-means run.
+            self.centroids = refine(self.z, self.valid, self.centroids, int(s.kmeans_max_iter))
         self.refits += 1
         self.last_refit_step = self.steps
 
@@ -186,8 +189,8 @@ class PersistentDomains:
         self.stats = {"counts": counts, "freq": freq, "sigma2": sigma2, "losses": losses, "centroids": means}
 
         w_new = self._solve(present, counts, means, sigma2, losses, z, valid)
-        if self.weights is None:  # start from uniform over the domains present: the weights then move smoothly
-            self.weights = present.to(z.dtype) / present.sum().clamp(min=1)
+        if self.weights is None:  # start from uniform: the weights then move smoothly away from the Trainer's
+            self.weights = torch.full_like(w_new, 1.0 / self.m)
         beta = float(s.weight_smoothing)
         self.weights = (1 - beta) * self.weights + beta * w_new
         w = self.weights
@@ -202,7 +205,19 @@ class PersistentDomains:
         self.multipliers = torch.where(meaningful, v, torch.ones_like(v))
 
     def _solve(self, present, counts, means, sigma2, losses, z, valid) -> torch.Tensor:
-        """The objective's weights (m,) on the simplex over the domains present (0 elsewhere)."""
+        """The objective's weights (m,) on the simplex. Domains with no sample in the window get the mean weight
+        of those present: nothing is known of them, and a weight of 0 would silence the samples that reach them
+        before the next refit (measured: a rare human domain's weight fell to 0.15× uniform that way)."""
+        return self._neutral_for_absent(self._solve_present(present, counts, means, sigma2, losses, z, valid), present)
+
+    @staticmethod
+    def _neutral_for_absent(w: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+        mean_present = (w * present).sum() / present.sum().clamp(min=1)
+        w = torch.where(present, w, mean_present.expand_as(w))
+        return w / w.sum().clamp(min=1e-30)
+
+    def _solve_present(self, present, counts, means, sigma2, losses, z, valid) -> torch.Tensor:
+        """The objective's weights over the domains present (0 elsewhere), summing to 1."""
         s = self.settings
         from .objectives import OBJECTIVE_SOLVERS, solve_uncertainty
 

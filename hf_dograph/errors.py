@@ -34,3 +34,9 @@ class InputFileError(ValueError):
         if byte_offset is not None:
             where += f" (byte offset {byte_offset})"
         super().__init__(one_line(f"{where}: {problem}. Fix: {fix}"))
+
+
+class NonFiniteTrainingError(RuntimeError):
+    """Training produced no usable (finite) sample for `nonfinite_step_limit` optimizer steps in a row, or a
+    model with NaN/inf parameters was about to be saved. The message names the step, the parameters and what
+    to check; the command line prints it as one line."""

@@ -1,4 +1,6 @@
-"""Hub round trip: push a run folder with its DoGraph card, pull models and checkpoints back.
+"""Hub transport: references to the Hub, models and checkpoints pulled from it, folders pushed to it.
+
+It knows nothing of run folders or model cards: what a run publishes, and its card, are `publish.py`'s.
 
 References to something on the Hub are written `[hf://]REPO_ID[@REVISION][:SUBFOLDER]`, e.g.
 `hf://me/tiny-dograph`, `me/tiny-dograph@v1`, `me/tiny-dograph:last-checkpoint`,
@@ -18,14 +20,13 @@ Local path or Hub reference? (`locate`)
    needs the `hf://` prefix, so a mistyped folder such as `some/typo` is reported as a missing folder
    instead of being downloaded from someone else's repo (or failing with `OfflineModeIsEnabled`).
 
-- `push_output_dir(output_dir, repo_id)`: what `hf-dograph push` does (the card is regenerated first); what
-  is left out of a push (checkpoints, private files, nested runs such as `uniform/`): `push_ignore_patterns`.
 - `locate(ref)`: ("local", path) or ("hub", HubRef), by the rules above.
 - `resolve_checkpoint(ref)`: a local folder holding a Trainer checkpoint (downloaded if `ref` is on the
   Hub; with no subfolder given, the repo's root if it is a checkpoint, else `last-checkpoint/` as
   `hub_strategy="checkpoint"` pushes it, else its highest `checkpoint-N/`).
 - `resolve_model(ref)`: a local folder holding a model (downloaded if on the Hub, checkpoints left out).
 - `from_pretrained_kwargs(ref)`: the arguments of `from_pretrained` for a reference (no download).
+- `create_repo(repo_id)`, `upload_folder(folder, repo_id)`: a repo made sure of, a folder sent in one commit.
 
 `huggingface_hub` decides where the Hub is (`HF_ENDPOINT`) and whether it may be reached (`HF_HUB_OFFLINE`);
 downloads go through its cache, so a second resolve of the same revision reads no network.
@@ -38,13 +39,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import InputFileError
-
 TRAINER_STATE = "trainer_state.json"
 _REF = re.compile(r"^(?:hf://)?(?P<repo>[\w.-]+(?:/[\w.-]+)?)(?:@(?P<rev>[^:@]+))?(?::(?P<sub>[^:@]+))?$")
-#: Never pushed: the Trainer's private files (and our lock file), the intermediate checkpoints (as
-#: `Trainer.push_to_hub`), at any depth, and unfinished writes. Nested runs are left out too (`push_ignore_patterns`).
-PUSH_IGNORE = ["_*", "*/_*", "checkpoint-*", "*/checkpoint-*", "*.tmp", "*/.*.tmp", ".*.tmp"]
 #: Not needed to load a model with transformers: other frameworks' weights and exports.
 MODEL_IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "onnx/*", "*.tflite", "coreml/*", "*.gguf", "*.mlmodel"]
 
@@ -64,7 +60,8 @@ class HubRef:
         return self.repo_id + rev + (f":{self.subfolder}" if self.subfolder else "")
 
 
-_CHECKPOINT_NAME = re.compile(r"^(checkpoint-\d+|last-checkpoint)$")
+#: The names the Trainer gives checkpoint folders (`hub_strategy="checkpoint"` pushes `last-checkpoint`).
+CHECKPOINT_FOLDER = re.compile(r"^(checkpoint-\d+|last-checkpoint)$")
 
 
 def looks_local(value: str) -> bool:
@@ -80,7 +77,7 @@ def looks_local(value: str) -> bool:
         return True
     if len(parts) == 2 and os.path.isdir(parts[0]):
         return True
-    return bool(_CHECKPOINT_NAME.match(parts[-1]))
+    return bool(CHECKPOINT_FOLDER.match(parts[-1]))
 
 
 def _no_such_path(value: str, hint_hub: bool) -> HubReferenceError:
@@ -221,63 +218,20 @@ def resolve_model(path_or_ref: str, *, token: str | None = None, cache_dir: str 
     return _download(ref, ref.subfolder, token, cache_dir, local_dir, ignore=ignore)
 
 
-def push_output_dir(
-    output_dir: str | os.PathLike,
-    repo_id: str,
-    *,
-    private: bool | None = None,
-    token: str | None = None,
-    revision: str | None = None,
-    commit_message: str = "Upload DoGraph model (hf_dograph)",
-    create_card: bool | None = None,
-    include_checkpoints: bool = False,
-    create_pr: bool = False,
-    create_repo: bool = True,
-):
-    """`hf-dograph push OUTPUT_DIR --repo-id USER/NAME`: create the repo if needed and upload the folder.
-
-    The card (README.md) and plots are regenerated from the folder's files first, unless the folder holds a
-    README.md that hf_dograph did not write (`create_card=None`, the default); True always writes it, False
-    never. `checkpoint-*` folders are left out unless `include_checkpoints`, and so are nested runs (the
-    `uniform/` twin of `--compare-uniform`: see `push_ignore_patterns`). `create_repo=False` when the repo is
-    known to exist. Returns the `CommitInfo`.
-    """
+def create_repo(repo_id: str, *, private: bool | None = None, token: str | None = None) -> str:
+    """Create the model repo `repo_id` unless it exists; returns its full id (`USER/NAME`, as the Hub names it)."""
     from huggingface_hub import HfApi
 
-    from .card import is_dograph_card, write_model_card
-    from .run_folder import model_folder_problem
+    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
 
-    out = Path(output_dir)
-    if not out.is_dir():
-        raise InputFileError(out, "no such folder", "push a run's output folder (e.g. outputs/tiny)")
-    problem = model_folder_problem(out)
-    if problem is not None:
-        raise problem
-    api = HfApi(token=token)
-    if create_repo:  # False: the repo exists (e.g. the Trainer created it), skip a round trip
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
-    readme = out / "README.md"
-    if create_card or (create_card is None and (not readme.exists() or is_dograph_card(readme))):
-        write_model_card(out, repo_id=repo_id)
-    ignore = push_ignore_patterns(out, include_checkpoints=include_checkpoints)
-    return api.upload_folder(
-        repo_id=repo_id, folder_path=str(out), commit_message=commit_message, token=token, revision=revision,
-        ignore_patterns=ignore, create_pr=create_pr,
+
+def upload_folder(folder: str | os.PathLike, repo_id: str, *, commit_message: str, token: str | None = None,
+                  revision: str | None = None, ignore_patterns: list[str] | None = None, create_pr: bool = False):
+    """Send `folder` to the repo in one commit, less the files matching `ignore_patterns`; returns the
+    `CommitInfo`."""
+    from huggingface_hub import HfApi
+
+    return HfApi(token=token).upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, token=token, revision=revision,
+        ignore_patterns=ignore_patterns, create_pr=create_pr,
     )
-
-
-def nested_runs(output_dir: str | os.PathLike) -> list[str]:
-    """Sub-folders of a run folder that are runs of their own (e.g. `uniform/`, the twin of `--compare-uniform`):
-    they hold a model, a Trainer state or checkpoints, and are not the run's own `checkpoint-N` / `last-checkpoint`."""
-    from .run_folder import run_files
-
-    out = Path(output_dir)
-    return sorted(p.name for p in out.iterdir()
-                  if p.is_dir() and not _CHECKPOINT_NAME.match(p.name) and run_files(p)) if out.is_dir() else []
-
-
-def push_ignore_patterns(output_dir: str | os.PathLike, include_checkpoints: bool = False) -> list[str]:
-    """What a push of `output_dir` leaves out: `PUSH_IGNORE` (less the top-level `checkpoint-*` with
-    `include_checkpoints`) and every nested run: only the published model's files go to the Hub."""
-    ignore = [p for p in PUSH_IGNORE if not (include_checkpoints and p == "checkpoint-*")]
-    return ignore + [f"{name}/*" for name in nested_runs(output_dir)]

@@ -77,16 +77,29 @@ def kmeans(x: torch.Tensor, weights: torch.Tensor, m: int, *, n_init: int, iters
     return centroids[best], inertia[best]
 
 
-def match_centroids(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """A permutation `perm` of the new centroids so that new[perm[j]] continues old domain j (greedy matching
-    on squared distance, closest pair first): domain j keeps its identity across refits. Both (m, k)."""
-    m = new.shape[0]
-    cost = squared_distances(new, old).clone()  # (m_new, m_old)
-    perm = torch.zeros(m, dtype=torch.long, device=new.device)
-    inf = torch.tensor(float("inf"), device=new.device, dtype=cost.dtype)
-    for _ in range(m):
-        flat = cost.flatten().argmin()
-        i, j = flat // m, flat % m
-        perm = perm.scatter(0, j.reshape(1), i.reshape(1))
-        cost = cost.index_fill(0, i.reshape(1), inf).index_fill(1, j.reshape(1), inf)
-    return perm
+def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Centroids (m, k) with every cluster that holds no weighted row moved onto the row farthest from all
+    centroids (then the next farthest, ...): a refit started from old centroids never keeps a dead domain."""
+    m = centroids.shape[0]
+    assign = squared_distances(x, centroids).argmin(dim=-1)
+    counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, assign, weights)
+    far = squared_distances(x, centroids).min(dim=-1).values * (weights > 0)
+    for j in range(m):
+        row = far.argmax()
+        empty = counts[j] <= 0
+        centroids = torch.where(empty, centroids.index_copy(0, torch.tensor([j], device=x.device), x[row][None]),
+                                centroids)
+        # that row is taken: the next empty cluster goes to the next farthest one
+        far = torch.where(empty, torch.minimum(far, ((x - x[row]) ** 2).sum(-1) * (weights > 0)), far)
+    return centroids
+
+
+def refine(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+    """A refit that starts from the current centroids (m, k): Lloyd iterations, empty clusters re-seeded, Lloyd
+    again. Centroid j stays domain j — the domains keep their identity from one refit to the next — and it
+    costs one K-means run instead of `n_init` seeded ones."""
+    x = x.float()
+    weights = weights.to(x.dtype)
+    c = lloyd(x, weights, centroids.float()[None], max(1, iters // 2))[0]
+    c = reseed_empty(x, weights, c)
+    return lloyd(x, weights, c[None], max(1, iters - iters // 2))[0]

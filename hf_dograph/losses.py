@@ -29,3 +29,17 @@ def classification_per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -
     """(losses, counts) for sequence classification: one cross-entropy per sample."""
     losses = F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
     return losses, torch.ones_like(losses, dtype=torch.long)
+
+
+def causal_lm_terms(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """A ready `per_sample_loss_func` for a causal LM of your own (any module returning `logits` (B, T, V)):
+    each sequence's summed next-token cross-entropy over the normalizer the Trainer uses (`num_items_in_batch`,
+    or the micro-batch's label tokens), so that the terms add up to the usual token-mean loss::
+
+        DoGraphTrainer(model=my_lm, args=args, per_sample_loss_func=causal_lm_terms, ...)
+    """
+    logits = outputs["logits"] if isinstance(outputs, dict) else getattr(outputs, "logits", outputs[0])
+    losses, counts = causal_lm_per_sample_loss(logits, labels)
+    total = counts.sum().clamp(min=1) if num_items_in_batch is None else torch.as_tensor(
+        num_items_in_batch, device=losses.device, dtype=losses.dtype)
+    return losses * counts / total

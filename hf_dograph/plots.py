@@ -5,9 +5,15 @@ All three are drawn from a DoGraph state (`checkpointing.dograph_state`, the con
 
 What is drawn, and why:
 
-1. **Domain weights over steps** (`domain_weights.png`). Model domains are re-clustered every
-   micro-batch, so "domain 3" at one step and at the next are unrelated clusters: a line per model
-   domain id would mean nothing. Two things are meaningful over time and are drawn instead:
+1. **Domain weights over steps** (`domain_weights.png`). With persistent domains (the default) a domain
+   keeps its identity across refits, so the figure draws (top) each model domain's smoothed weight w_j
+   per optimizer step, (middle, when the data carries human labels) the weight each *human* domain
+   received relative to its share of the samples (1 = what uniform mixing gives it; a 10-step moving
+   average, since a batch holds few samples of a rare domain), and (bottom) the effective sample size
+   of the step's weights and the effective number of domains. With per-batch domains (`domain_mode=
+   "per_batch"`) the model domains are re-clustered every micro-batch, so "domain 3" at one step and
+   at the next are unrelated clusters: a line per model domain id would mean nothing. Two things are
+   meaningful over time and are drawn instead:
    - top panel: when the data carries human labels, the share of the gradient weight α each *human*
      domain received (`human_mass`, one line per human domain), averaged over the micro-batches of
      each optimizer step; without labels, the domain weights sorted in decreasing order (one line per
@@ -117,8 +123,76 @@ def sorted_weight_series(history: list[dict]) -> list[list[float]]:
 
 
 # ----------------------------------------------------------------------------- the figures
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, acc = [], []
+    for v in values:
+        acc.append(v)
+        acc = acc[-window:]
+        finite = [x for x in acc if math.isfinite(x)]
+        out.append(sum(finite) / len(finite) if finite else float("nan"))
+    return out
+
+
+def persistent_weights_figure(history: list[dict], domain_names: list[str] | None = None, window: int = 10):
+    """Figure 1 for persistent domains (see the module docstring): one entry per optimizer step."""
+    plt = _pyplot()
+    entries = [e for e in history if e.get("persistent") and not e.get("warmup") and "domain_weights" in e]
+    human = any("human_mass" in e for e in history)
+    rows = 3 if human else 2
+    fig, axes = plt.subplots(rows, 1, figsize=(8, 2.6 * rows + 0.6), sharex=True)
+    top, bottom = axes[0], axes[-1]
+    steps = [int(e["step"]) for e in entries]
+    m = max((len(e["domain_weights"]) for e in entries), default=0)
+    cmap = plt.get_cmap("tab20")
+    for j in range(m):
+        top.plot(steps, [e["domain_weights"][j] if j < len(e["domain_weights"]) else float("nan") for e in entries],
+                 color=cmap(j % 20), label=f"domain {j}", linewidth=1.2)
+    top.set_ylabel("domain weight w_j")
+    warm = [int(e["step"]) for e in history if e.get("warmup")]
+    title = "DoGraph: persistent domains' weights (smoothed)"
+    if warm:
+        title += f"; weights uniform during the warm-up (steps ≤ {max(warm)})"
+    top.set_title(title, fontsize=10)
+    if m <= 12:
+        top.legend(fontsize="x-small", ncol=4)
+    top.grid(alpha=0.3)
+    if human:
+        mid = axes[1]
+        all_steps = [int(e["step"]) for e in history]
+        labels = sorted({int(d) for e in history for d in e.get("human_share", {})})
+        for d in labels:
+            ratio = []
+            for e in history:
+                share = float(e.get("human_share", {}).get(str(d), e.get("human_share", {}).get(d, 0.0)))
+                mass = float(e.get("human_mass", {}).get(str(d), e.get("human_mass", {}).get(d, 0.0)))
+                ratio.append(mass / share if share > 0 else float("nan"))
+            mid.plot(all_steps, _moving_average(ratio, window), label=_human_name(domain_names, d))
+        mid.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
+        mid.set_ylabel(f"weight / sample share\n({window}-step average)")
+        mid.set_title("Weight each human domain received, relative to uniform mixing", fontsize=10)
+        mid.legend(fontsize="x-small", ncol=3)
+        mid.grid(alpha=0.3)
+    all_steps = [int(e["step"]) for e in history]
+    bottom.plot(all_steps, [float(e.get("ess", float("nan"))) for e in history], color="black",
+                label="effective sample size / samples (1 = equal weights)")
+    eff = [math.exp(_entropy(e["domain_weights"])) / max(1, len(e["domain_weights"])) for e in history]
+    bottom.plot(all_steps, eff, color="gray", linestyle="--", label="effective domains exp(H(w)) / m")
+    from matplotlib.ticker import MaxNLocator
+
+    bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
+    bottom.set_xlabel("optimizer step")
+    bottom.set_ylim(0, 1.05)
+    bottom.legend(fontsize="x-small")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
 def domain_weights_figure(history: list[dict], domain_names: list[str] | None = None):
-    """Figure 1 (see the module docstring). Top axes: one line per human domain (or per weight rank)."""
+    """Figure 1 (see the module docstring). Persistent domains: `persistent_weights_figure`. Per-batch: top axes
+    one line per human domain (or per weight rank)."""
+    if any(e.get("persistent") for e in history):
+        return persistent_weights_figure(history, domain_names)
     plt = _pyplot()
     by_step = steps_series(history)
     steps = list(by_step)

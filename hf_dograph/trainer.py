@@ -17,9 +17,7 @@ Clipping, the optimizer (and its GradScaler), the scheduler, logging and checkpo
 from __future__ import annotations
 
 import logging
-import math
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer
@@ -27,38 +25,15 @@ from transformers import Trainer
 from .card import DoGraphCardMixin
 from .checkpointing import DoGraphCheckpointMixin
 from .config import DoGraphSettings
-from .distributed import all_reduce_gradients, gather_rows, is_distributed, no_sync
+from .distributed import all_reduce_gradients, is_distributed, no_sync
+from .errors import NonFiniteTrainingError
 from .sketch import LossOnlyEngine, build_engine
+from .sketch.factored import FactoredEngine
+from .step_record import DoGraphStepRecord, StepAccumulator, history_entry, summarize_step
 from .trainer_objective import SampleTerms, TrainerObjective
 from .weighting import MicroBatch, PerBatchDoGraph, SampleWeights, build_strategy
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteTrainingError(RuntimeError):
-    """Training produced no finite loss or gradient for `nonfinite_step_limit` optimizer steps in a row."""
-
-
-@dataclass
-class DoGraphStepRecord:
-    """What DoGraph decided for the last micro-batch (`trainer.dograph_last`); tensors, on the model's device.
-
-    Samples left out of the step (non-finite loss or gradient, or no label) have assignment -1 and weight 0.
-    """
-
-    assignments: torch.Tensor  # (S,) model domain of each sample (-1: left out / none)
-    sample_weights: torch.Tensor  # (S,) α_i = v_i μ_i, what multiplies each ℓ_i in the backward
-    multipliers: torch.Tensor  # (S,) v_i (1 = the Trainer's weight)
-    losses: torch.Tensor  # (S,) ℓ_i
-    shares: torch.Tensor  # (S,) μ_i, each sample's share of the Trainer's loss
-    domain_weights: torch.Tensor | None = None  # (m,) w on the simplex (None: no domains yet / a baseline)
-    cluster_sizes: torch.Tensor | None = None
-    sigma2: torch.Tensor | None = None
-    domain_losses: torch.Tensor | None = None
-    objective_value: torch.Tensor | None = None
-    warmup: bool = False
-    human_domains: torch.Tensor | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
@@ -94,7 +69,7 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         self._fallback_engine = None
         self._per_sample_loss_func = per_sample_loss_func
         self._objective: TrainerObjective | None = None
-        self._step = _StepAccumulator()
+        self._step = StepAccumulator()
         self._pending_history: list[dict] = []
         self._nonfinite_run = 0  # consecutive optimizer steps without a finite sample
         self._nonfinite_samples_since_log = 0
@@ -121,16 +96,13 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
 
     def _refuse_unsupported_setups(self) -> None:
         if getattr(self, "is_fsdp_enabled", False):
-            raise NotImplementedError(
-                "DoGraphTrainer does not support FSDP yet: its per-sample gradient engines hook whole (unsharded) "
-                "weight matrices, which FSDP shards. Use DDP (plain `accelerate launch`/`torchrun` without an FSDP "
-                "config), which DoGraph supports exactly; see README, 'Several GPUs'."
-            )
+            from .distributed import check_fsdp_setup
+
+            check_fsdp_setup(self.accelerator.state.fsdp_plugin, self.dograph_settings)
         if getattr(self, "is_deepspeed_enabled", False):
-            raise NotImplementedError(
-                "DoGraphTrainer does not support DeepSpeed: ZeRO partitions gradients inside its own backward, "
-                "which DoGraph's engines replace. Use DDP (`accelerate launch`/`torchrun`)."
-            )
+            from .distributed import DEEPSPEED_REFUSAL
+
+            raise NotImplementedError(DEEPSPEED_REFUSAL)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"DoGraphTrainer sees {self.args.n_gpu} GPUs in one process (torch.nn.DataParallel), whose replicas "
@@ -163,8 +135,18 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
     def trainer_objective(self) -> TrainerObjective:
         """The Trainer's loss split per sample (built once; raises for a loss without a per-sample form)."""
         if self._objective is None:
-            self._objective = TrainerObjective(self, self._per_sample_loss_func)
+            self._objective = TrainerObjective(self, self._per_sample_loss_func,
+                                               custom_compute_loss=self._overrides_compute_loss())
         return self._objective
+
+    def _overrides_compute_loss(self) -> bool:
+        """Whether a subclass replaced `compute_loss` (its loss is then the user's own)."""
+        for cls in type(self).__mro__:
+            if cls is DoGraphTrainer:
+                return False
+            if "compute_loss" in cls.__dict__:
+                return True
+        return False
 
     @property
     def grad_engine(self):
@@ -209,6 +191,7 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         objective = self.trainer_objective
         terms = objective(model, inputs, num_items_in_batch, with_model_loss=not objective.verified)
         objective.verify(terms, inputs["labels"], num_items_in_batch)
+        terms.outputs = None  # the logits (B × T × V) need not outlive the backward
         return terms
 
     def _check_batch(self, inputs: dict) -> None:
@@ -260,8 +243,17 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
             alpha = torch.where(kept, alpha, terms.shares)
 
         # 3. The exact gradient of Σ_i α_i ℓ_i into .grad (scaled like the Trainer's when a GradScaler is on).
+        #    DoGraph's one device→host read of the micro-batch (the plain Trainer also reads its loss once):
+        #    whether a left-out sample holds inf/NaN (the engine must then zero it), and whether any was usable.
+        left_out_nonfinite, usable = torch.stack([
+            ((alpha == 0) & ~engine.finite_samples().to(alpha.device)).any(),
+            (torch.isfinite(terms.losses) & (terms.items > 0) if scaler is not None else kept).any()]).tolist()
+        self._step.add_finite(usable)
         with no_sync(model):
-            engine.accumulate_weighted_gradient(alpha)
+            if isinstance(engine, FactoredEngine):
+                engine.accumulate_weighted_gradient(alpha, nonfinite_left_out=left_out_nonfinite)
+            else:
+                engine.accumulate_weighted_gradient(alpha)
         dropped = engine.samples_dropped_after_weighting()
         engine.clear()
         self._record(terms, kept, alpha, decision, human, dropped, scaler)
@@ -288,7 +280,6 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
                 engine.backward(losses, layout=_segments_layout(terms.segment_ids))
         finite = torch.isfinite(terms.losses.detach()) & (terms.items > 0)
         kept = finite & engine.finite_samples().to(finite.device)
-        self._step.add_finite(finite if scaler is not None else kept)
         terms.losses = terms.losses.detach()
         return terms, kept
 
@@ -325,7 +316,7 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
             where = (f"these parameters hold NaN/inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
                      if bad else "the parameters are finite, so the data or the loss produce NaN/inf")
             raise NonFiniteTrainingError(
-                f"DoGraph stopped training at step {self.state.global_step}: {self._nonfinite_run} optimizer steps in "
+                f"DoGraph stopped training at step {self.state.global_step + 1}: {self._nonfinite_run} optimizer steps in "
                 f"a row had no sample with a finite loss and gradient ({where}). Check the learning rate, "
                 "max_grad_norm (gradient clipping), mixed precision and the data of these steps; resume from the "
                 "last checkpoint after fixing it (nonfinite_step_limit sets how many such steps are tolerated)."
@@ -354,55 +345,21 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
             self._flush_step(micro_batch=True)
 
     def _flush_step(self, micro_batch: bool = False) -> None:
-        """Turn the accumulated micro-batch(es) into metrics and one history entry (tensors until logged)."""
-        step = self._step
-        if not step.alphas:
-            step.reset_samples()
+        """Turn the accumulated micro-batch(es) into metrics and one pending history entry (tensors)."""
+        if not self._step.alphas:
+            self._step.reset_samples()
             return
-        alpha = torch.cat(step.alphas).double()
-        kept = torch.cat(step.kepts)
-        losses = torch.cat(step.losses).double()
-        assign = torch.cat(step.assignments)
-        human = torch.cat(step.humans) if step.humans and len(step.humans) == len(step.alphas) else None
-        if is_distributed():
-            cols = [alpha, kept.double(), losses, assign.double()] + ([human.double()] if human is not None else [])
-            rows = gather_rows(torch.stack(cols, dim=1))[0]
-            alpha, kept, losses, assign = rows[:, 0], rows[:, 1] > 0, rows[:, 2], rows[:, 3].long()
-            human = rows[:, 4].long() if human is not None else None
-        total = alpha.sum()
-        n_kept = kept.sum()
-        m = self._metrics
-        # Effective sample size of the weights, relative to the samples kept: 1 = uniform (α ∝ share).
-        m["ess"].append((total ** 2 / (alpha ** 2).sum().clamp(min=1e-300)) / n_kept.clamp(min=1))
-        m["weighted_loss"].append((alpha * torch.nan_to_num(losses)).sum() / total.clamp(min=1e-300))
-        m["sample_weight_max"].append((alpha.max() / total.clamp(min=1e-300)))
-        m["nonfinite_samples"].append((~kept).sum().double() + step.dropped)
-        decision = step.last_decision
-        if decision is not None and decision.domain_weights is not None:
-            w = decision.domain_weights.double()
-            ent = -(w[w > 0] * w[w > 0].log()).sum()
-            m["weight_entropy"].append(ent)
-            m["effective_domains"].append(ent.exp())
-            m["num_domains"].append(torch.tensor(float(w.numel())))
-            if decision.cluster_sizes is not None:
-                m["cluster_size_min"].append(decision.cluster_sizes.double().min())
-                m["cluster_size_max"].append(decision.cluster_sizes.double().max())
-            if decision.objective_value is not None:
-                m["objective"].append(torch.as_tensor(decision.objective_value).double())
-        if self.dograph_settings.mixing_strategy == "dograph":
-            m["warmup"].append(torch.tensor(1.0 if (decision is not None and decision.warmup) else 0.0))
-        entry = {"step": int(self.state.global_step), "alpha": alpha, "kept": kept, "assign": assign,
-                 "human": human, "decision": decision, "per_micro_batch": micro_batch}
+        metrics, entry = summarize_step(self._step, step_number=int(self.state.global_step), per_micro_batch=micro_batch,
+                                        dograph=self.dograph_settings.mixing_strategy == "dograph")
+        for key, value in metrics.items():
+            self._metrics[key].append(value)
         self._pending_history.append(entry)
-        if human is not None and self.dograph_settings.mixing_strategy == "dograph":
-            step.nmi_pairs.append((assign[kept], human[kept]))
-        step.reset_samples()
 
     def flush_dograph_history(self) -> list[dict]:
         """Materialize the pending history entries (python numbers): the weight-history plot and card read them.
         Called at logging and saving time, so that the training step itself never waits for the device."""
         for e in self._pending_history:
-            self.dograph_history.append(_history_entry(e))
+            self.dograph_history.append(history_entry(e))
         self._pending_history = []
         return self.dograph_history
 
@@ -454,88 +411,6 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         self._check_finite_parameters()
         self.flush_dograph_history()
         return super()._save_checkpoint(model, trial)
-
-
-class _StepAccumulator:
-    """The micro-batches of the current optimizer step (tensors), and the NMI pairs since the last log."""
-
-    def __init__(self):
-        self.nmi_pairs: list = []
-        self.finite_counts: list = []
-        self.reset_samples()
-
-    def reset_samples(self) -> None:
-        self.alphas, self.kepts, self.losses, self.assignments, self.humans = [], [], [], [], []
-        self.last_decision = None
-        self.dropped = 0
-
-    def add_finite(self, finite: torch.Tensor) -> None:
-        self.finite_counts.append(finite.sum())
-
-    def any_finite(self) -> bool:
-        """Whether any sample of the step (all ranks) was finite: one scalar read per optimizer step."""
-        if not self.finite_counts:
-            return True
-        total = torch.stack(self.finite_counts).sum()
-        self.finite_counts = []
-        if is_distributed():
-            total = gather_rows(total.reshape(1).double())[0].sum()
-        return bool(total > 0)
-
-    def add(self, *, alpha, shares, kept, losses, assignments, human, dropped, decision) -> None:
-        self.alphas.append(alpha)
-        self.kepts.append(kept)
-        self.losses.append(losses)
-        self.assignments.append(assignments)
-        if human is not None:
-            self.humans.append(human)
-        self.dropped += dropped
-        self.last_decision = decision
-
-    def take_nmi(self) -> float | None:
-        if not self.nmi_pairs:
-            return None
-        from .domains import normalized_mutual_information
-
-        model = torch.cat([a for a, _ in self.nmi_pairs]).cpu()
-        human = torch.cat([h for _, h in self.nmi_pairs]).cpu()
-        self.nmi_pairs = []
-        return normalized_mutual_information(model, human) if model.numel() else None
-
-
-def _history_entry(e: dict) -> dict:
-    """A pending history entry (tensors) as JSON-able numbers: what the plots and the card read."""
-    decision = e["decision"]
-    entry = {"step": e["step"]}
-    if decision is not None and decision.domain_weights is not None:
-        entry["domain_weights"] = [round(float(x), 6) for x in decision.domain_weights.tolist()]
-        if decision.cluster_sizes is not None:
-            entry["cluster_sizes"] = [int(round(float(x))) for x in decision.cluster_sizes.tolist()]
-        freq = (decision.extra or {}).get("frequencies")
-        if freq is not None:
-            entry["domain_frequencies"] = [round(float(x), 6) for x in freq.tolist()]
-        entry["persistent"] = not e["per_micro_batch"]
-    else:
-        entry["domain_weights"] = [1.0]
-        entry["cluster_sizes"] = [int(e["kept"].sum())]
-    if decision is not None and decision.warmup:
-        entry["warmup"] = True
-    alpha, kept = e["alpha"], e["kept"]
-    total = float(alpha.sum())
-    entry["ess"] = round((total ** 2 / max(float((alpha ** 2).sum()), 1e-300)) / max(int(kept.sum()), 1), 6)
-    human = e["human"]
-    if human is not None and bool(kept.any()):
-        h, a = human[kept].cpu(), alpha[kept].cpu()
-        a = a / a.sum() if float(a.sum()) > 0 else a
-        labels = torch.unique(h)
-        entry["human_mass"] = {str(int(d)): round(float(a[h == d].sum()), 6) for d in labels}
-        entry["human_share"] = {str(int(d)): round(float((h == d).double().mean()), 6) for d in labels}
-        assign = e["assign"][kept].cpu()
-        if decision is not None and decision.cluster_sizes is not None and bool((assign >= 0).all()):
-            from .domains import normalized_mutual_information
-
-            entry["nmi"] = round(normalized_mutual_information(assign, h), 6)
-    return entry
 
 
 def _segments_layout(segment_ids: torch.Tensor):

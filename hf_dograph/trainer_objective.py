@@ -138,13 +138,14 @@ class TrainerObjective:
     """Splits the Trainer's loss into per-sample terms (see the module docstring). Built once per trainer;
     raises at construction for a loss that has no per-sample form."""
 
-    def __init__(self, trainer, per_sample_loss_func: Callable | None = None):
+    def __init__(self, trainer, per_sample_loss_func: Callable | None = None, *, custom_compute_loss: bool = False):
+        """`custom_compute_loss`: whether the trainer's class replaced `compute_loss` (the loss is then the
+        user's own, and needs `per_sample_loss_func`)."""
         self.trainer = trainer
         model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
         self.config = getattr(_model_name(model)[1], "config", None)
         self.per_sample_loss_func = per_sample_loss_func
         self.label_smoother = getattr(trainer, "label_smoother", None)
-        custom_compute_loss = _overrides_compute_loss(trainer)
         if per_sample_loss_func is not None:
             self.kind = "custom"
         elif trainer.compute_loss_func is not None or custom_compute_loss:
@@ -163,7 +164,8 @@ class TrainerObjective:
                     f"DoGraph does not know how {type(model).__name__} computes its loss, so it cannot split it per "
                     "sample (it knows causal LMs, masked LMs, token and sequence classifiers). Pass "
                     "per_sample_loss_func=f to DoGraphTrainer, with f(outputs, labels, num_items_in_batch=None) "
-                    "returning a (batch,) tensor whose sum is the loss."
+                    "returning a (batch,) tensor whose sum is the loss (for a causal LM of your own: "
+                    "hf_dograph.losses.causal_lm_terms)."
                 )
             self.kind = kind
         self.shift = self.kind == "causal_lm" and not getattr(self.config, "is_encoder_decoder", False)
@@ -369,8 +371,10 @@ class TrainerObjective:
                 "of the loss per sample; pass per_sample_loss_func to DoGraphTrainer."
             )
         reference = float(model_loss.detach().float().mean())
+        # A loss returned in low precision (bf16 outputs under FSDP's mixed precision) is only that exact.
+        rtol = max(VERIFY_RTOL, 2 * torch.finfo(model_loss.dtype).eps) if model_loss.is_floating_point() else VERIFY_RTOL
         if not terms.uses_items:  # MSE / BCE: the model's mean over the micro-batch, never num_items
-            self._compare(ours, reference, f"{type(self.trainer.model).__name__}'s own loss")
+            self._compare(ours, reference, f"{type(self.trainer.model).__name__}'s own loss", rtol)
             self.verified = True
             return
         # Two readings of the model's normalizer: the Trainer's num_items_in_batch, or its own per-batch mean.
@@ -378,7 +382,7 @@ class TrainerObjective:
         readings = {False: float(terms.local_items.clamp(min=1))}
         if num_items_in_batch is not None and self._accepts_loss_kwargs():
             readings[True] = float(num_items_in_batch)
-        matches = [uses for uses, divisor in readings.items() if _close(total / divisor, reference)]
+        matches = [uses for uses, divisor in readings.items() if _close(total / divisor, reference, rtol)]
         if not matches:
             raise ValueError(
                 f"DoGraph's per-sample split of {type(self.trainer.model).__name__}'s loss does not add up to the "
@@ -399,8 +403,8 @@ class TrainerObjective:
         return float(fn(outputs, labels, num_items_in_batch=num_items_in_batch))
 
     @staticmethod
-    def _compare(ours: float, reference: float, what: str) -> None:
-        if not _close(ours, reference):
+    def _compare(ours: float, reference: float, what: str, rtol: float = VERIFY_RTOL) -> None:
+        if not _close(ours, reference, rtol):
             raise ValueError(
                 f"DoGraph's per-sample terms add up to {ours:.6g}, but {what} is {reference:.6g} on this batch: "
                 "per_sample_loss_func (or DoGraph's split of the loss) does not reproduce the loss the Trainer "
@@ -408,20 +412,8 @@ class TrainerObjective:
             )
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= VERIFY_RTOL * max(abs(a), abs(b), 1e-12)
-
-
-def _overrides_compute_loss(trainer) -> bool:
-    """Whether a subclass of DoGraphTrainer replaced `compute_loss` (its loss is then the user's)."""
-    from .trainer import DoGraphTrainer
-
-    for cls in type(trainer).__mro__:
-        if cls is DoGraphTrainer:
-            return False
-        if "compute_loss" in cls.__dict__:
-            return True
-    return False
+def _close(a: float, b: float, rtol: float = VERIFY_RTOL) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b), 1e-12)
 
 
 def accepts_argument(trainer, model, name: str) -> bool:

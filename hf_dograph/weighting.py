@@ -239,10 +239,10 @@ def build_strategy(settings) -> Strategy:
         return LossReweighting(s.loss_reweighting_temperature)
     if s.mixing_strategy == "group_dro":
         return GroupDROWeights(s.group_dro_step_size, s.domain_label_column)
-    from .objectives import solve_domain_weights
+    from .objectives import ObjectiveParams, solve_domain_weights
 
     def solve(stats):
-        return solve_domain_weights(stats, s)
+        return solve_domain_weights(stats, ObjectiveParams.from_settings(s))
 
     if s.domain_mode == "per_batch":
         return PerBatchDoGraph(s, solve)

@@ -272,6 +272,9 @@ def _train(case: Case, kind: str, engine: str = "factored", num_domains: int = 1
     collator = case.collator() if case.collator is not None else pad_collator
     data = Dataset.from_list(case.rows())
     trainer = cls(model=model, args=args, train_dataset=data, data_collator=collator)
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)  # logging_steps=1 with disable_tqdm: no log dict per step on stdout
     # The same data order for every trainer: sequential (the Trainer shuffles with its seed otherwise, also
     # the same; sequential keeps the test independent of that).
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(data)))

@@ -11,15 +11,15 @@ import pytest
 import torch
 from datasets import Dataset
 
-from hf_dograph.card import (
+from hf_dograph.data import DomainCollator
+from hf_dograph.evaluation import (
     PAPER_TASKS,
     eval_command,
+    evaluate_per_domain,
     lm_eval_scores,
     per_domain_perplexity_path,
     scores_from_lm_eval,
 )
-from hf_dograph.data import DomainCollator
-from hf_dograph.evaluation import evaluate_per_domain
 
 from tiny_models import make_batch, tiny_gpt2
 
@@ -157,7 +157,8 @@ def test_lm_eval_scores_run_real_lm_eval_on_a_local_task_and_reach_the_card(tmp_
     import lm_eval  # noqa: F401  (the dev extra installs it; this test must not be skipped)
     from transformers import ByT5Tokenizer
 
-    from hf_dograph.card import LM_EVAL_FILE, write_model_card
+    from hf_dograph.card import write_model_card
+    from hf_dograph.evaluation import LM_EVAL_FILE
 
     ckpt = tmp_path / "ckpt"
     model = tiny_gpt2(seed=5, vocab=259).eval()  # ByT5's byte vocabulary: 256 bytes + 3 specials

@@ -416,9 +416,13 @@ def test_unknown_layer_falls_back_exactly_and_is_named_once_in_the_log(tmp_path,
     alpha = torch.linspace(0.05, 0.2, 8, dtype=torch.float64)
     applied = _factored_gradient(model, batch, alpha)
     _assert_close(applied, weighted_autograd_gradient(_TinyLMWrapped(), batch, alpha))
-    # …and the trainer writes the line to its log when it builds the engine
-    trainer = DoGraphTrainer(model=_TinyLM(), args=_args(tmp_path, grad_engine="factored"), data_collator=_collate)
+    # …and the trainer writes the line to its log when it builds the engine (at construction); a module of one's
+    # own needs its per-sample loss (here the ready causal-LM one)
+    from hf_dograph.losses import causal_lm_terms
+
     with caplog.at_level(logging.WARNING, logger="hf_dograph.trainer"):
+        trainer = DoGraphTrainer(model=_TinyLM(), args=_args(tmp_path, grad_engine="factored"), data_collator=_collate,
+                                 per_sample_loss_func=causal_lm_terms)
         trainer.training_step(trainer.model, lm_batch())
     assert sum("body (_Gain)" in r.getMessage() for r in caplog.records) == 1
 

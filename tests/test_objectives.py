@@ -14,9 +14,9 @@ from hf_dograph.objectives import (
     OBJECTIVE_SOLVERS,
     ObjectiveResult,
     domain_graph_laplacian,
-    project_to_simplex,
     solve_domain_weights,
 )
+from hf_dograph.simplex import project_to_simplex
 
 scipy_optimize = pytest.importorskip("scipy.optimize")
 threadpoolctl = pytest.importorskip("threadpoolctl")
@@ -445,7 +445,7 @@ def test_custom_solver_off_simplex_is_rejected(monkeypatch):
 def test_qp_fallback_path(monkeypatch):
     # Force the first active-set run to report no convergence: the FISTA fallback and second polish
     # must still return the exact optimum.
-    from hf_dograph import objectives
+    from hf_dograph import simplex as objectives
 
     real = objectives._active_set_simplex
     calls = []
@@ -484,7 +484,8 @@ def test_qp_singular_hessian():
 def test_qp_solver_low_rank(seed):
     # Low-rank Q with a linear term: the optimum sits on a face along flat directions, which the
     # active-set method reaches by following zero-curvature rays.
-    from hf_dograph.objectives import _active_set_simplex, _solve_simplex_qp
+    from hf_dograph.simplex import _active_set_simplex
+    from hf_dograph.simplex import solve_simplex_qp as _solve_simplex_qp
 
     rng = np.random.default_rng(seed)
     m = 6

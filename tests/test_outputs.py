@@ -74,7 +74,7 @@ def test_push_leaves_out_nested_runs_checkpoints_and_private_files(tmp_path):
     """What `hf-dograph push` and `--push-to-hub` upload of a --compare-uniform run folder."""
     from huggingface_hub.utils import filter_repo_objects
 
-    from hf_dograph.hub import push_ignore_patterns
+    from hf_dograph.publish import push_ignore_patterns
 
     out = tmp_path / "run"
     files = ["model.safetensors", "config.json", "README.md", "recipe.yaml", "dograph_state.json", "training_args.bin",

@@ -12,7 +12,7 @@ from datasets import Dataset
 from hf_dograph import DoGraphConfig, DoGraphTrainer
 from hf_dograph.config import DoGraphSettings
 from hf_dograph.domain_model import PersistentDomains, canonical_order
-from hf_dograph.kmeans import kmeans, match_centroids, squared_distances
+from hf_dograph.kmeans import kmeans, refine, reseed_empty, squared_distances
 
 from compat_matrix import flattening_collator, lm_rows, pad_collator
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2, tiny_llama
@@ -49,12 +49,16 @@ def test_kmeans_ignores_rows_of_weight_zero():
     assert float(centroids.abs().max()) < 50
 
 
-def test_match_centroids_recovers_a_permutation():
-    _, centers = _blobs(m=6)
-    perm = torch.tensor([3, 0, 5, 1, 4, 2])
-    shuffled = centers[perm] + 0.01
-    got = match_centroids(shuffled, centers)
-    assert torch.equal(shuffled[got], centers + 0.01)
+def test_refine_from_nearby_centroids_keeps_their_order_and_revives_empty_clusters():
+    x, centers = _blobs(m=4)
+    w = torch.ones(len(x))
+    start = centers + 0.5  # near the truth, in a known order
+    start[3] = 1e4  # a dead cluster: no row is nearest to it
+    assert int((squared_distances(x, start).argmin(1) == 3).sum()) == 0
+    got = refine(x, w, start, iters=10)
+    assert torch.equal(squared_distances(got[:3], centers[:3]).argmin(1), torch.arange(3))  # identities kept
+    assert int((squared_distances(x, got).argmin(1) == 3).sum()) > 0  # re-seeded: it holds rows again
+    assert torch.equal(reseed_empty(x, w, centers), centers)  # nothing empty: nothing moves
 
 
 def test_canonical_order_depends_only_on_the_rows():
@@ -144,12 +148,28 @@ def test_sample_weights_have_mean_one_and_the_mapping_decides_domain_mass(mappin
     assert not torch.allclose(v, torch.ones_like(v))
 
 
+def test_a_domain_without_recent_samples_gets_the_mean_weight_of_the_others():
+    """Not 0: samples reaching it before the next refit would otherwise be silenced."""
+    dm = PersistentDomains(_settings(num_domains=4))
+    _feed(dm, 6)  # three blobs, four domains: one is empty after the refits at most
+    dm.centroids[3] = 1e4  # make domain 3 empty for sure
+    dm._update()
+    present = dm.stats["counts"] > 0
+    assert not bool(present[3]) and bool(present.any())
+    w = dm.weights
+    assert torch.allclose(w[~present], w[present].mean().expand(int((~present).sum())), rtol=1e-5)
+    assert float(w.sum()) == pytest.approx(1.0, rel=1e-6) and bool((w > 0).all())
+    v, _ = dm.sample_weights(dm.centroids[3:4])  # a sample nearest to the empty domain: a neutral weight
+    assert float(v) == pytest.approx(float(w[3] / (dm.stats["freq"] * w).sum()), rel=1e-5)
+
+
 def test_smoothing_moves_weights_a_fraction_per_step_from_uniform():
     dm = PersistentDomains(_settings(weight_smoothing=0.25))
     _feed(dm, 2)  # fitted: the first update starts from uniform
     first = dm.weights.clone()
     target = _solve_now(dm)
     torch.testing.assert_close(first, 0.75 * torch.full_like(first, 1 / 3) + 0.25 * target, rtol=1e-5, atol=1e-7)
+    assert float(first.sum()) == pytest.approx(1.0)
 
 
 def _solve_now(dm):

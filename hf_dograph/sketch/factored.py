@@ -26,6 +26,9 @@ Everything random is a pure function of (seed, parameter index): the same seed g
 CPU the same batch gives bit-identical sketches and weighted gradients whatever the machine's load (a fixed
 thread count, and accumulations in a fixed order: `index_add_`, never atomic `index_put_`).
 
+Under FSDP2 (`fully_shard`) the same sketch and the same weighted gradient are formed from the recorded δ and a,
+and each weight's gradient is reduce-scattered into its shard's `.grad` as soon as it is formed (`fsdp.py`).
+
 Samples may be rows or packed segments (`SampleLayout`): linear maps, embeddings and LayerNorm split their
 token-level tensors by segment exactly; token-wise norms on the exact path are split per token; any other
 exact-path layer refuses a segment layout, naming itself.
@@ -39,6 +42,7 @@ import logging
 import torch
 from torch import nn
 
+from . import fsdp as _fsdp
 from .base import GradEngine, UnsupportedLayerError, register_engine, resolve_layout
 from .buffers import BufferWatch, refuse_stateful_layers
 from .layers import GenericHandler, SketchSink, WeightSlot, handler_for
@@ -157,6 +161,37 @@ class FactoredEngine(GradEngine):
         self._z: torch.Tensor | None = None
         self._finite: torch.Tensor | None = None
         self._exact: dict[int, torch.Tensor] = {}
+        # FSDP2: parameters are sharded DTensors; each sharded weight's gradient is reduced after the last
+        # handler that owns it has formed its part (see fsdp.py).
+        self._sharded = any(_fsdp.is_sharded(p) for _, p in self.params)
+        self._staging: _fsdp.ShardedGradients | None = None
+        self._device: torch.device | None = None
+        # Sharded: the owners of a shared weight (GPT-2's tied wte / lm_head) run back to back, so that at most
+        # one full-size buffer is alive at a time (a handler is moved to just before that weight's last owner);
+        # each weight is reduced once, after the last handler (in that order) that adds to it.
+        self._accumulate_order = list(self.handlers)
+        self._flush_after: dict[int, list] = {}
+        if self._sharded:
+            def last_owners(handlers) -> dict[int, tuple]:
+                last = {}
+                for h in handlers:
+                    for p in h.factored_params():
+                        if _fsdp.is_sharded(p):
+                            last[id(p)] = (h, p)
+                return last
+
+            last = last_owners(self.handlers)
+            order, postponed = [], {}
+            for h in self.handlers:
+                later = [last[id(p)][0] for p in h.factored_params() if id(p) in last and last[id(p)][0] is not h]
+                if later:
+                    postponed.setdefault(id(later[0]), []).append(h)
+                    continue
+                order.extend(postponed.pop(id(h), []))
+                order.append(h)
+            self._accumulate_order = order + [h for hs in postponed.values() for h in hs]
+            for h, p in last_owners(self._accumulate_order).values():
+                self._flush_after.setdefault(id(h), []).append(p)
 
     # -- description ----------------------------------------------------------------------------
     @property
@@ -191,8 +226,19 @@ class FactoredEngine(GradEngine):
         ]
 
     # -- lifetime -------------------------------------------------------------------------------
+    def _follow_sharding(self) -> None:
+        """The model was sharded by FSDP2 after this engine was built (the Trainer builds its engine before
+        accelerate prepares the model): rebuild on the sharded parameters (same order, same global shapes, so
+        the same projections and CountSketch)."""
+        if self._sharded or not _fsdp.is_fsdp_model(self.model):
+            return
+        _fsdp.reshard(self.model)
+        self.__init__(self.model, projection_dim=self.projection_dim, seed=self.seed, factor_dim=self.factor_dim,
+                      cpu_sketch_threads=self.cpu_sketch_threads)
+
     @contextlib.contextmanager
     def capturing(self):
+        self._follow_sharding()
         self.clear()
         self._buffers.start()
         installed = []
@@ -214,8 +260,10 @@ class FactoredEngine(GradEngine):
         for _, p in self.params:
             p.grad = None
         try:
-            losses.sum().backward()
-            autograd_sums = {id(p): p.grad for _, p in self.params}
+            # Under FSDP2 its own gradient reduction is off here; `local` gets this rank's autograd sums.
+            with _fsdp.local_autograd_gradients(self.model) as local:
+                losses.sum().backward()
+            autograd_sums = {id(p): local.get(id(p), p.grad) for _, p in self.params}
         finally:
             # Whatever autograd wrote (the unweighted Σ g_i of the exact-path parameters) is not the step's
             # gradient: put back what was there.
@@ -230,6 +278,9 @@ class FactoredEngine(GradEngine):
                 )
 
         self._buffers.check()  # before the exact path re-runs any layer
+        if self._sharded:
+            _fsdp.reshard(self.model)  # (a unit kept gathered after its backward) the handlers read shards
+        self._device = losses.device
 
         # No graph: the recorded inputs are activations that require grad, and nothing here is differentiated
         # (the exact path's torch.func.grad is a transform and ignores this).
@@ -313,7 +364,11 @@ class FactoredEngine(GradEngine):
         return self._finite
 
     @torch.no_grad()
-    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0, *,
+                                     nonfinite_left_out: bool | None = None) -> None:
+        """See `GradEngine`. `nonfinite_left_out`: whether some sample with α = 0 holds inf/NaN, if the caller
+        already knows (the trainer reads it with its one check per micro-batch); None: look (a device→host
+        read)."""
         if self._layout is None:
             raise RuntimeError("accumulate_weighted_gradient needs a captured micro-batch: call backward() first")
         if alpha.shape != (self._layout.num_samples,):
@@ -325,16 +380,50 @@ class FactoredEngine(GradEngine):
         keep = keep.to(self._finite.device)
         bad = ~keep & ~self._finite
         # A left-out sample holding inf/NaN must contribute exact zeros (0 · NaN is NaN): handlers zero it.
-        bad = bad if bool(bad.any()) else None
-        for h in self.handlers:
-            h.accumulate(coef, bad, self._layout)
-        for _, p in self.params:
-            g = self._exact.get(id(p))
-            if g is None:
-                continue
-            if bad is not None:
-                g = g.masked_fill(bad[:, None], 0)
-            add_to_grad(p, coef.to(g.device) @ g)
+        if nonfinite_left_out is None:
+            nonfinite_left_out = bool(bad.any())
+        bad = bad if nonfinite_left_out else None
+        if self._sharded:
+            self._staging = _fsdp.ShardedGradients(self._device)
+        try:
+            for h in self._accumulate_order:
+                h.accumulate(coef, bad, self._layout)
+                for p in self._flush_after.get(id(h), ()):
+                    self._staging.flush(p)  # reduce-scatter into the shard, free the full-size buffer
+            sharded, fulls = [], []
+            for _, p in self.params:
+                g = self._exact.get(id(p))
+                if self._sharded and _fsdp.is_sharded(p) and self._kind[id(p)] == "exact":
+                    # every rank reduces every sharded small parameter (zeros if it has no samples using it)
+                    sharded.append(p)
+                    fulls.append(torch.zeros(p.shape, dtype=p.dtype, device=self._device) if g is None else
+                                 coef.to(g.device) @ (g if bad is None else g.masked_fill(bad[:, None], 0)))
+                    continue
+                if g is None:
+                    continue
+                if bad is not None:
+                    g = g.masked_fill(bad[:, None], 0)
+                add_to_grad(p, coef.to(g.device) @ g)
+            if sharded:
+                _fsdp.all_reduce_into_grads(sharded, fulls)
+        finally:
+            self._staging = None
+
+    def grad_target(self, param: nn.Parameter, create: bool = False) -> torch.Tensor | None:
+        """The tensor a handler accumulates `param`'s weighted gradient into: `param.grad` (made zeros first if
+        `create`), or, for a sharded parameter under FSDP2, its full-size buffer for this micro-batch."""
+        if self._staging is not None and _fsdp.is_sharded(param):
+            return self._staging.buffer(param) if create else self._staging.buffers.get(id(param))
+        if param.grad is None and create:
+            param.grad = torch.zeros_like(param)
+        return param.grad
+
+    def add_grad(self, param: nn.Parameter, contrib: torch.Tensor) -> None:
+        """`param.grad += contrib` (full size), or into its FSDP2 buffer for a sharded parameter."""
+        if self._staging is not None and _fsdp.is_sharded(param):
+            self._staging.add(param, contrib)
+        else:
+            add_to_grad(param, contrib)
 
     def clear(self) -> None:
         for h in self.handlers:

@@ -3,7 +3,7 @@
 Shipped inside hf_dograph and loaded by local path, so nothing is fetched::
 
     import evaluate
-    from hf_dograph.card import per_domain_perplexity_path
+    from hf_dograph.evaluation import per_domain_perplexity_path
 
     metric = evaluate.load(str(per_domain_perplexity_path()))
     metric.compute(token_losses=[[2.1, 1.7], [0.3]], domains=["web", "code"])

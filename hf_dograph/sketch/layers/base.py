@@ -22,8 +22,9 @@ gets one projection pair and the two contributions add up to the sketch of the s
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -31,9 +32,6 @@ from torch import nn
 from ..layout import SampleLayout
 from ..projection import gaussian_matrix
 from .record import register_recipient
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..factored import FactoredEngine
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -134,6 +132,29 @@ class CallRecord:
     done: bool = False
 
 
+class HandlerEngine(Protocol):
+    """What a handler uses of the engine that owns it (the factored engine is one): handlers are handed their
+    engine, they never import it."""
+
+    #: inside the engine's capture of a micro-batch: patched layers record
+    recording: bool
+    #: the engine re-runs modules (exact per-sample gradients): nobody records
+    replaying: bool
+
+    def slot(self, param: nn.Parameter) -> WeightSlot:
+        """The projection pair of a 2-D weight, shared by every module that uses the weight."""
+
+    def small_ops(self, device: torch.device) -> AbstractContextManager:
+        """Where a handler runs its small per-sample operations on `device`."""
+
+    def add_grad(self, param: nn.Parameter, contrib: torch.Tensor) -> None:
+        """`param.grad += contrib`, the whole gradient of `param` (the engine knows where a sharded one goes)."""
+
+    def grad_target(self, param: nn.Parameter, create: bool = False) -> torch.Tensor | None:
+        """The whole-size tensor to accumulate `param`'s weighted gradient into in place: `param.grad`, or under
+        FSDP2 the engine's buffer for a sharded `param`; None if there is none yet and not `create`."""
+
+
 class LayerHandler:
     """Base class of the per-module handlers (see the module docstring).
 
@@ -143,7 +164,7 @@ class LayerHandler:
     #: short name used in logs
     kind: ClassVar[str] = "layer"
 
-    def __init__(self, name: str, module: nn.Module, engine: FactoredEngine):
+    def __init__(self, name: str, module: nn.Module, engine: HandlerEngine):
         self.name = name
         self.module = module
         self.engine = engine
@@ -200,7 +221,7 @@ class PatchedHandler(LayerHandler):
     forward runs unchanged. The patch object is the same for the whole run, so compiled code that guards on
     the module's `forward` sees the same function every step."""
 
-    def __init__(self, name: str, module: nn.Module, engine: FactoredEngine):
+    def __init__(self, name: str, module: nn.Module, engine: HandlerEngine):
         super().__init__(name, module, engine)
         self._patch = ForwardPatch(module, self._forward)
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..scaled_embedding import embedding_scale, is_plain_embedding, is_scaled_embedding
-from . import register_layer
+from .registry import register_layer
 from .base import CallRecord, DeferredHandler, SketchSink
 from .record import compiling, record
 
@@ -107,8 +107,7 @@ class EmbeddingHandler(DeferredHandler):
                 d = layout.scale_tokens(d, coef, bad)
                 if valid is not None:
                     d = torch.where(valid.unsqueeze(-1), d, torch.zeros((), dtype=d.dtype, device=d.device))
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+                g = self.engine.grad_target(p, create=True)  # .grad, or under FSDP2 a full-size buffer
                 # index_add_ accumulates in index order on CPU (bit-reproducible); index_put_(accumulate=True)
                 # uses atomic adds across threads and is not.
-                p.grad.index_add_(0, ids.reshape(-1), d.reshape(-1, self.dim).to(p.grad.dtype))
+                g.index_add_(0, ids.reshape(-1), d.reshape(-1, self.dim).to(g.dtype))

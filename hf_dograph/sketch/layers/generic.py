@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from .base import CallRecord, PatchedHandler, SketchSink
+from ..fsdp import call_without_hooks, full_value
 from .record import compiling, record
 
 
@@ -131,7 +132,8 @@ class GenericHandler(TappedHandler):
                 "hf_dograph.sketch.layers.generic.register_tokenwise."
             )
         params = {n: p for n, p in self.module.named_parameters(recurse=False) if p.requires_grad}
-        detached = {n: p.detach() for n, p in params.items()}
+        # Under FSDP2 the parameters are shards: the whole (small) value, one all-gather each on every rank.
+        detached = {n: full_value(p) for n, p in params.items()}
         for rec in self.done_records():
             if layout.is_rows:
                 per_sample = self._unit_gradients(rec, detached, layout.batch_size, None)
@@ -145,7 +147,7 @@ class GenericHandler(TappedHandler):
     def _unit_gradients(self, rec, detached: dict, batch: int, seq: int | None) -> dict:
         """{name: (U, *shape)}: gradients of ⟨f(θ; x_u), δ_u⟩ per unit u — per row (seq None) or per token (rows
         and tokens of (batch, seq) flattened)."""
-        from torch.func import functional_call, grad, vmap
+        from torch.func import grad, vmap
 
         module = self.module
         leaves, spec = tree_flatten((rec.tensors["args"], rec.tensors["kwargs"]))
@@ -172,7 +174,7 @@ class GenericHandler(TappedHandler):
             for i, x in zip(uidx, xs):
                 new[i] = x.unsqueeze(0)
             args, kwargs = tree_unflatten(new, spec)
-            out = functional_call(module, pd, tuple(args), kwargs)
+            out = call_without_hooks(module, pd, tuple(args), kwargs)
             outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
             total = 0.0
             for j, d in zip(dj, ds):
@@ -187,12 +189,12 @@ class GenericHandler(TappedHandler):
 
     def _verify_tokenwise(self, leaves, spec, uidx, xs, detached, lead) -> None:
         """First packed step: the module run token by token must give its batched output."""
-        from torch.func import functional_call, vmap
+        from torch.func import vmap
 
         module = self.module
         args, kwargs = tree_unflatten(list(leaves), spec)
         with torch.no_grad():
-            full = [t for t in tree_flatten(functional_call(module, detached, tuple(args), kwargs))[0]
+            full = [t for t in tree_flatten(call_without_hooks(module, detached, tuple(args), kwargs))[0]
                     if isinstance(t, torch.Tensor)]
 
             def one(xs_u):
@@ -200,7 +202,7 @@ class GenericHandler(TappedHandler):
                 for i, x in zip(uidx, xs_u):
                     new[i] = x.unsqueeze(0)
                 a, k = tree_unflatten(new, spec)
-                return tuple(t for t in tree_flatten(functional_call(module, detached, tuple(a), k))[0]
+                return tuple(t for t in tree_flatten(call_without_hooks(module, detached, tuple(a), k))[0]
                              if isinstance(t, torch.Tensor))
 
             per_token = vmap(one)(xs)

@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_layer
+from .registry import register_layer
 from .base import (
     CallRecord,
     DeferredHandler,
     SketchSink,
-    add_to_grad,
     autocast_dtype,
     cast,
 )
@@ -153,8 +152,8 @@ class LinearHandler(DeferredHandler):
                     d, a = layout.scale_tokens(d, coef, bad), layout.zero_tokens(a, bad, in_place=False)
             d2, a2 = d.reshape(-1, d.shape[-1]), a.reshape(-1, a.shape[-1])
             left, right = (a2.T, d2) if self.transposed else (d2.T, a2)
-            g = self.weight.grad
+            g = self.engine.grad_target(self.weight)  # .grad, or under FSDP2 a full-size buffer (see fsdp.py)
             if g is not None and g.dtype == left.dtype and g.is_contiguous():
                 g.addmm_(left, right)  # in place: no (out × in) temporary
             else:
-                add_to_grad(self.weight, left @ right)
+                self.engine.add_grad(self.weight, left @ right)

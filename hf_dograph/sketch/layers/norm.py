@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import register_layer
+from .registry import register_layer
 from .base import SketchSink
 from .generic import TappedHandler
 

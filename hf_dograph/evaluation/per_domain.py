@@ -3,7 +3,8 @@
 The loss of a domain is the sum of its tokens' next-token cross-entropies divided by its
 number of predicted tokens (a token-mean, as the Trainer's loss, but per domain): with a
 causal shift, position t predicts token t+1, and labels of -100 (padding) count nowhere.
-Sums are taken in float64 so the result does not depend on the batch size.
+Sums are taken in float64 so the result does not depend on the batch size. The same measure ships as an
+`evaluate` metric module (`per_domain_perplexity_path`).
 """
 
 from __future__ import annotations
@@ -11,9 +12,18 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+#: What `hf-dograph train` writes beside a run: {"per_domain": `PerDomainResult.to_dict()`, "data": ...}.
+PER_DOMAIN_FILE = "per_domain_eval.json"
+
+
+def per_domain_perplexity_path() -> Path:
+    """Folder of the `evaluate` module shipped in the package: `evaluate.load(str(per_domain_perplexity_path()))`."""
+    return Path(__file__).resolve().parents[1] / "metrics" / "per_domain_perplexity"
 
 
 @dataclass
@@ -75,7 +85,7 @@ class PerDomainResult:
 
     def save(self, path) -> None:
         """Write `to_dict()` as strict JSON (a domain without tokens has loss and perplexity null)."""
-        from .jsonfiles import write_json
+        from ..jsonfiles import write_json
 
         write_json(path, self.to_dict())
 
