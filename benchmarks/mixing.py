@@ -733,8 +733,8 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
     for ds, block in summary.items():
         rows = {s: r for s, r in block["strategies"].items()}
         names, domains = list(rows), block["domains"]
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 0.45 * len(names) + 3),
-                                       gridspec_kw={"width_ratios": [1.3, 1]})
+        fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(21, 0.45 * len(names) + 3),
+                                            gridspec_kw={"width_ratios": [1.3, 1, 1]})
         ref = rows.get("uniform")
         mat = np.array([[r["per_domain"][d][0] for d in domains] for r in rows.values()])
         if ref is not None:
@@ -763,6 +763,21 @@ def plot(summary: dict, out_dir: Path) -> list[Path]:
         ax2.set_title("mean ± std over seeds (lower-left is better)")
         ax2.legend(fontsize=7, loc="best")
         ax2.grid(alpha=0.3)
+        # Paired differences to uniform (same seed = same init and batches), mean ± std over seeds.
+        paired = [(n, r) for n, r in rows.items() if "delta_mean_vs_uniform" in r and n != REFERENCE]
+        y = np.arange(len(paired))
+        for offset, key, label, color in ((-0.18, "delta_mean_vs_uniform", "Δ mean ppl", "tab:blue"),
+                                          (0.18, "delta_worst_vs_uniform", "Δ worst-domain ppl", "tab:red")):
+            vals = [r[key][0] for _, r in paired]
+            errs = [r[key][1] for _, r in paired]
+            ax3.barh(y + offset, vals, height=0.34, xerr=errs, color=color, alpha=0.7, label=label, capsize=2)
+        ax3.axvline(0, color="black", linewidth=0.8)
+        ax3.set_yticks(y, [n for n, _ in paired])
+        ax3.invert_yaxis()
+        ax3.set_xlabel("perplexity minus uniform's, paired by seed (left of 0 is better)")
+        ax3.set_title("paired difference to uniform, mean ± std over seeds")
+        ax3.legend(fontsize=7)
+        ax3.grid(alpha=0.3, axis="x")
         fig.tight_layout()
         path = out_dir / f"mixing_{ds}.png"
         fig.savefig(path, dpi=110)

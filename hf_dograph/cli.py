@@ -77,8 +77,9 @@ def default_output_dir(recipe, smoke: bool) -> Path:
 
 # ----------------------------------------------------------------------------- what DoGraph changed
 def dograph_weight_shares(history: list[dict], num_domains: int) -> dict | None:
-    """Per human domain, over all micro-batches: its share of the samples (what uniform mixing
-    gives it) and its share of DoGraph's weight α. None when the batches carried no labels."""
+    """Per human domain, over all history entries (optimizer steps; micro-batches for per-batch domains): its
+    share of the samples (what uniform mixing gives it) and its share of DoGraph's weight α. None when the
+    batches carried no labels."""
     entries = [h for h in history if "human_mass" in h]
     if not entries:
         return None
@@ -269,7 +270,7 @@ def run_train(recipe, output_dir: Path, compare_uniform: bool = False, resume_fr
         _say(compare_table(results))
     if shares is not None:
         _say("\n== what DoGraph changed: each human domain's share of the samples (= its weight under uniform "
-             "mixing) and of DoGraph's gradient weight, averaged over training micro-batches")
+             "mixing) and of DoGraph's gradient weight, averaged over training steps")
         _say(weights_table(shares, data.domain_names))
     _say(f"\nsaved: {output_dir} (AutoModelForCausalLM.from_pretrained loads it; tokenizer, domain_names.json, "
          f"recipe.yaml, per_domain_eval.json beside it) in {time.time() - start:.0f} s")

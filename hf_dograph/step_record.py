@@ -73,7 +73,8 @@ def summarize_step(step: StepAccumulator, *, step_number: int, dograph: bool, pe
             metrics["objective"] = torch.as_tensor(decision.objective_value).double()
     if dograph:
         metrics["warmup"] = torch.tensor(1.0 if (decision is not None and decision.warmup) else 0.0)
-        if human is not None:
+        if human is not None and decision is not None and decision.domain_weights is not None:
+            # agreement of model and human domains, once model domains exist (not during the warm-up)
             step.nmi_pairs.append((assign[kept], human[kept]))
     entry = {"step": step_number, "alpha": alpha, "kept": kept, "assign": assign, "human": human,
              "decision": decision, "per_micro_batch": per_micro_batch}

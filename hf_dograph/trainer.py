@@ -72,7 +72,6 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         self._step = StepAccumulator()
         self._pending_history: list[dict] = []
         self._nonfinite_run = 0  # consecutive optimizer steps without a finite sample
-        self._nonfinite_samples_since_log = 0
         self._nonfinite_steps_since_log = 0
         self._steps_since_log = 0
         if self.model is not None:  # with model_init the model (and its checks) come with train()

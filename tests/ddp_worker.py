@@ -17,6 +17,7 @@ from hf_dograph.sketch import ENGINES
 
 sys.path.insert(0, os.path.dirname(__file__))
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2  # noqa: E402
+from worker_helpers import record_domain_weights  # noqa: E402
 
 GLOBAL_BATCH = 8
 
@@ -48,17 +49,7 @@ def run(out_dir: str, cfg: dict, fail_rank: int | None) -> None:
     )
     trainer = DoGraphTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_list(rows), data_collator=stack_collator)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(rows)))
-    weights = []
-    original = trainer._record
-
-    def record(*a):
-        original(*a)
-        # The domain weights in use (the same on every rank): per micro-batch, once the domains exist.
-        w = trainer.dograph_last.domain_weights
-        if w is not None:
-            weights.append(w.tolist())
-
-    trainer._record = record
+    weights = record_domain_weights(trainer)
     if fail_rank is not None and trainer.args.process_index == fail_rank:
         def broken(*a, **k):
             raise RuntimeError(f"deliberate failure on rank {fail_rank}")

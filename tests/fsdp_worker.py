@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers_models import model_inputs  # noqa: E402
+from worker_helpers import record_domain_weights  # noqa: E402
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2, tiny_llama  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -176,16 +177,7 @@ def run_trainer(out_dir: str, cfg: dict) -> None:
         assert plugin.fsdp_version == 2, plugin.fsdp_version
         # "accelerate": the plugin came from the recipe's config file; "trainer": from TrainingArguments
         assert ("LlamaDecoderLayer" if cfg["mode"] == "accelerate" else block) in plugin.transformer_cls_names_to_wrap
-    weights = []
-    original = trainer._record
-
-    def record(*a):
-        original(*a)
-        w = trainer.dograph_last.domain_weights
-        if w is not None:
-            weights.append(w.tolist())
-
-    trainer._record = record
+    weights = record_domain_weights(trainer)
     trainer.train()
     if world > 1:
         from torch.distributed.fsdp import FSDPModule

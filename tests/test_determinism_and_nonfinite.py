@@ -30,10 +30,11 @@ def _run(out, steps=10, callbacks=(), **kw):
     rows = []
     for s in range(steps):
         rows += rows_from_batch(make_batch(seed=s))
-    args = DoGraphConfig(output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-2,
-                         use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1,
-                         num_domains=3, projection_dim=128, domain_warmup_samples=16, domain_window=32,
-                         domain_refit_steps=2, **kw)
+    settings = dict(output_dir=str(out), per_device_train_batch_size=8, max_steps=steps, learning_rate=1e-2,
+                    use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1,
+                    num_domains=3, projection_dim=128, domain_warmup_samples=16, domain_window=32,
+                    domain_refit_steps=2)
+    args = DoGraphConfig(**{**settings, **kw})
     trainer = DoGraphTrainer(model=tiny_gpt2(), args=args, train_dataset=Dataset.from_list(rows),
                              data_collator=stack_collator, callbacks=list(callbacks))
     trainer.dograph_write_plots = False

@@ -367,7 +367,9 @@ def test_sketch_memory_does_not_grow_with_vocabulary_times_batch():
     fact4 = _step_peak_mb("factored", 4, vocab, dim)
     assert fact16 < 1.3 * plain16 + 48, (fact16, plain16)
     assert fact16 < 0.25 * per_sample_mb(16), (fact16, per_sample_mb(16))
-    assert fact16 - fact4 < 0.1 * (per_sample_mb(16) - per_sample_mb(4)), (fact4, fact16)
+    # What B adds is the logits and their gradient (a few fp32 copies of T·V = 2 MiB per sample, about
+    # 6.5 MiB measured), not the 64 MiB per sample a per-sample embedding gradient would take.
+    assert fact16 - fact4 < 0.2 * (per_sample_mb(16) - per_sample_mb(4)), (fact4, fact16)
 
 
 # ------------------------------------------------------------------------------------- fallbacks

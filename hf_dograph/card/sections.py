@@ -99,7 +99,8 @@ def _num_human_domains(history: list[dict]) -> int:
 
 
 def weight_shares(history: list[dict], domain_names: Sequence[str] | None = None) -> list[dict]:
-    """Per human domain, averaged over micro-batches: share of the samples and share of DoGraph's weight α."""
+    """Per human domain, averaged over the history (optimizer steps; micro-batches for per-batch domains): share of
+    the samples and share of DoGraph's weight α."""
     entries = [e for e in history if "human_mass" in e]
     n_dom = _num_human_domains(entries)
     if not entries or not n_dom:
