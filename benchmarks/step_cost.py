@@ -326,20 +326,18 @@ def main(argv=None) -> None:
         points, trainers = GRID, ["plain", "factored"]
     for model, b, seq in points:
         common["seq"] = seq
-        if True:
-            # Peak memory: each trainer in a fresh process, one step (optimizer state allocated beforehand).
-            for kind in trainers:
-                if kind == "opacus" and (model not in a.opacus_models.split(",") or b not in op_batches):
-                    continue
-                opacus = kind == "opacus"
-                spec = dict(common, model=model, batch=b, trainer=kind, warmup=1, steps=1)
-                results.append(_spawn(spec, a.timeout))
-                log(results[-1], kind)
-            # Step time: plain and factored alternating in one process.
-            if "plain" in trainers and "factored" in trainers:
-                spec = dict(common, model=model, batch=b, paired=True, warmup=1, steps=a.rounds)
-                paired.append(_spawn(spec, a.timeout))
-                log(paired[-1], "paired timing")
+        # Peak memory: each trainer in a fresh process, one step (optimizer state allocated beforehand).
+        for kind in trainers:
+            if kind == "opacus" and (model not in a.opacus_models.split(",") or b not in op_batches):
+                continue
+            spec = dict(common, model=model, batch=b, trainer=kind, warmup=1, steps=1)
+            results.append(_spawn(spec, a.timeout))
+            log(results[-1], kind)
+        # Step time: plain and factored alternating in one process.
+        if "plain" in trainers and "factored" in trainers:
+            spec = dict(common, model=model, batch=b, paired=True, warmup=1, steps=a.rounds)
+            paired.append(_spawn(spec, a.timeout))
+            log(paired[-1], "paired timing")
     load1 = os.getloadavg()
     import torch
 
