@@ -203,7 +203,7 @@ def table(results: list[dict]) -> str:
         d, p = r["phases"]["dograph"], r["phases"]["plain"]
         total = r["dograph_step_s"]
         for ph in PHASES:
-            pv = p.get(ph, None)
+            pv = p.get(ph) or None  # the plain step has no DoGraph phases, and its forward/backward are one
             pcell = f"{1000 * pv:.2f}" if pv is not None else ("(in forward + backward)" if ph in
                                                                ("forward", "backward") else "—")
             lines.append(f"| {ph} | {pcell} | {1000 * d[ph]:.2f} | {100 * d[ph] / total:.0f}% |")

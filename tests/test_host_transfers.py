@@ -3,7 +3,7 @@
 There is no GPU here to watch synchronizations directly; every read of a tensor's value on the host goes
 through one of `.item()`, `.tolist()`, `.cpu()`, `.numpy()` or Python's `bool()` / `float()` / `int()` of a
 tensor, so counting those calls made by hf_dograph's own code (not by the model or transformers) inside
-`training_step` bounds DoGraph's synchronizations. The bound (README, "Cost"): one read per micro-batch —
+`training_step` bounds DoGraph's synchronizations. The bound (README, "Gradient engines"): one read per micro-batch —
 a two-flag vector: whether a left-out sample holds inf/NaN, and whether any sample was usable — the same
 count as the plain Trainer's own per-micro-batch NaN check of the loss; nothing more at the end of the
 optimizer step, refits included (persistent domains, default objective, one process).
