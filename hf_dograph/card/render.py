@@ -117,12 +117,7 @@ def render_model_card(
         recipe_yaml=facts.recipe_text.rstrip() if facts.recipe_text else None,
         recipe_name=(recipe_raw or {}).get("name", "recipe"),
         plots=facts.plots,
-        weights_caption=(
-            "Top: the share of the gradient weight α each human domain received, per optimizer step. "
-            if has_human else
-            "Top: the domain weights of each step, largest first (model domains are found afresh every step, so a "
-            "domain id does not persist from one step to the next). "
-        ) + "Bottom: the effective number of domains exp(H(w)) and the number of domains found.",
+        weights_caption=_weights_caption(history, has_human),
         agreement=agreement_context(history),
         shares=weight_shares(history, facts.domain_names),
         results=results_context(per_domain) if per_domain else None,
@@ -133,6 +128,23 @@ def render_model_card(
     # Optional sections leave runs of blank lines behind them: keep at most one. The card is public: a last pass
     # takes out any token that reached its text some other way (`redaction.scrub_text`).
     return ModelCard(scrub_text(re.sub(r"\n{3,}", "\n\n", str(card))))
+
+
+def _weights_caption(history: list[dict], has_human: bool) -> str:
+    """What the weight-history figure (`plots.domain_weights_figure`) shows for this run's domain mode."""
+    if any(e.get("persistent") for e in history):
+        return ("Top: the weight of each persistent model-perceived domain (smoothed; domain j keeps its identity "
+                "across refits), uniform during the warm-up. "
+                + ("Middle: the weight each human domain received relative to uniform mixing (1 = the Trainer's). "
+                   if has_human else "")
+                + "Bottom: the effective sample size of the step's weights relative to its samples, and the "
+                  "effective number of domains exp(H(w)) / m.")
+    return ((
+        "Top: the share of the gradient weight α each human domain received, per optimizer step. "
+        if has_human else
+        "Top: the domain weights of each step, largest first (model domains are found afresh every step, so a "
+        "domain id does not persist from one step to the next). "
+    ) + "Bottom: the effective number of domains exp(H(w)) and the number of domains found.")
 
 
 def build_model_card(
