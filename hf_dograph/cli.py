@@ -33,7 +33,7 @@ from pathlib import Path
 
 from .data.hub import HubAccessError
 from .data.spec import DataError
-from .errors import InputFileError, NonFiniteTrainingError
+from .errors import InputFileError, NonFiniteTrainingError, one_line
 from .folder_lock import FolderLockedError
 from .hub import HubReferenceError
 from .recipes import DEFAULT_RECIPE, SMOKE_HELP, RecipeError
@@ -148,7 +148,7 @@ def _train_one(recipe, data, tokenizer, output_dir: Path, uniform: bool, resume_
     from .recipes import build_model, build_training_args
     from .redaction import pickle_without_credentials
 
-    run = (comparison_twin(recipe) if recipe.trainer == "dograph" else recipe) if uniform else recipe
+    run = comparison_twin(recipe) if uniform and recipe.trainer == "dograph" else recipe
     # training_args.bin (a pickle of these arguments, in the run folder and each checkpoint) holds no token
     args = pickle_without_credentials(build_training_args(run, output_dir))
     set_seed(args.seed)  # the same initial weights for a DoGraph run and its uniform twin
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return ns.func(ns)
     except USER_ERRORS as err:
-        print(f"hf-dograph: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"hf-dograph: error: {one_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -56,7 +56,9 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_numel: int = 1
     its shard when it forms it (`sketch/fsdp.py`), so they already hold the sum over ranks."""
     if not is_distributed():
         return
-    grads = [p.grad for p in params if p.grad is not None and not _is_dtensor(p.grad)]
+    from .sketch.fsdp import is_sharded
+
+    grads = [p.grad for p in params if p.grad is not None and not is_sharded(p.grad)]
     bucket: list[torch.Tensor] = []
     size = 0
     for g in grads + [None]:
@@ -74,14 +76,6 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_numel: int = 1
                 b.copy_(flat[offset : offset + b.numel()].view_as(b))
                 offset += b.numel()
         bucket, size = ([g], g.numel()) if g is not None else ([], 0)
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(t, DTensor)
 
 
 def _collective_device(t: torch.Tensor) -> torch.device:

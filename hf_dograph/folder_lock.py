@@ -134,14 +134,6 @@ class FolderLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    @staticmethod
-    def owner(folder: str | os.PathLike) -> dict | None:
-        """What the lock file of `folder` says (None when there is none or it cannot be read)."""
-        try:
-            return json.loads((Path(folder) / LOCK_NAME).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-
     # ------------------------------------------------------------------ internals
     def _same_file(self, fd: int) -> bool:
         try:

@@ -81,9 +81,9 @@ def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor
     """Centroids (m, k) with every cluster that holds no weighted row moved onto the row farthest from all
     centroids (then the next farthest, ...): a refit started from old centroids never keeps a dead domain."""
     m = centroids.shape[0]
-    assign = squared_distances(x, centroids).argmin(dim=-1)
-    counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, assign, weights)
-    far = squared_distances(x, centroids).min(dim=-1).values * (weights > 0)
+    nearest = squared_distances(x, centroids).min(dim=-1)
+    counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, nearest.indices, weights)
+    far = nearest.values * (weights > 0)
     for j in range(m):
         row = far.argmax()
         empty = counts[j] <= 0

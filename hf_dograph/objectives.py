@@ -383,9 +383,8 @@ def solve_domain_weights(stats: DomainStats, params: ObjectiveParams) -> Objecti
     custom objective and γ > 0: the value its solver reported for its own, unmixed, weights).
     """
     name = params.objective
-    solver = OBJECTIVE_SOLVERS.get(name)
-    if solver is None:
-        raise ValueError(f"objective={name!r} is unknown: use one of {', '.join(sorted(OBJECTIVE_SOLVERS))}.")
+    check_objective_name(name)
+    solver = OBJECTIVE_SOLVERS[name]
     m = stats.num_domains
     if m < 1:
         raise ValueError("solve_domain_weights needs at least one domain")

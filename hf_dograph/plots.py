@@ -102,10 +102,15 @@ def human_mass_series(history: list[dict]) -> dict[int, list[float]]:
     series = {d: [] for d in domains}
     for entries in by_step.values():
         for d in domains:
-            # JSON turned the int keys into strings; accept both.
-            vals = [float(e.get("human_mass", {}).get(str(d), e.get("human_mass", {}).get(d, 0.0))) for e in entries]
+            vals = [_per_human_domain(e, "human_mass", d) for e in entries]
             series[d].append(sum(vals) / len(vals))
     return series
+
+
+def _per_human_domain(entry: dict, key: str, d: int) -> float:
+    """entry[key][d] (0 if absent): JSON turned the int keys into strings; accept both."""
+    values = entry.get(key, {})
+    return float(values.get(str(d), values.get(d, 0.0)))
 
 
 def sorted_weight_series(history: list[dict]) -> list[list[float]]:
@@ -156,15 +161,15 @@ def persistent_weights_figure(history: list[dict], domain_names: list[str] | Non
     if m <= 12:
         top.legend(fontsize="x-small", ncol=4)
     top.grid(alpha=0.3)
+    all_steps = [int(e["step"]) for e in history]
     if human:
         mid = axes[1]
-        all_steps = [int(e["step"]) for e in history]
         labels = sorted({int(d) for e in history for d in e.get("human_share", {})})
         for d in labels:
             ratio = []
             for e in history:
-                share = float(e.get("human_share", {}).get(str(d), e.get("human_share", {}).get(d, 0.0)))
-                mass = float(e.get("human_mass", {}).get(str(d), e.get("human_mass", {}).get(d, 0.0)))
+                share = _per_human_domain(e, "human_share", d)
+                mass = _per_human_domain(e, "human_mass", d)
                 ratio.append(mass / share if share > 0 else float("nan"))
             mid.plot(all_steps, _moving_average(ratio, window), label=_human_name(domain_names, d))
         mid.axhline(1.0, color="gray", linestyle="--", linewidth=0.8)
@@ -172,7 +177,6 @@ def persistent_weights_figure(history: list[dict], domain_names: list[str] | Non
         mid.set_title("Weight each human domain received, relative to uniform mixing", fontsize=10)
         mid.legend(fontsize="x-small", ncol=3)
         mid.grid(alpha=0.3)
-    all_steps = [int(e["step"]) for e in history]
     bottom.plot(all_steps, [float(e.get("ess", float("nan"))) for e in history], color="black",
                 label="effective sample size / samples (1 = equal weights)")
     eff = [math.exp(_entropy(e["domain_weights"])) / max(1, len(e["domain_weights"])) for e in history]

@@ -31,11 +31,11 @@ import tempfile
 from pathlib import Path
 
 from .errors import InputFileError, one_line
-from .folder_lock import FolderLock
+from .folder_lock import LOCK_NAME, FolderLock
+from .hub import TRAINER_STATE
 
 logger = logging.getLogger(__name__)
 
-TRAINER_STATE = "trainer_state.json"
 DOGRAPH_STATE = "dograph_state.json"
 WEIGHT_FILES = (
     "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
@@ -160,7 +160,7 @@ def model_folder_problem(path: str | os.PathLike) -> InputFileError | None:
     best, _ = last_complete_checkpoint(path, require_dograph_state=False, warn=False)
     if best is not None:
         fix = f"evaluate its last complete checkpoint: {best}"
-    elif run_files(path) or (path / "_hf_dograph.lock").is_file():
+    elif run_files(path) or (path / LOCK_NAME).is_file():
         fix = "the run writing it has not saved a model yet: wait for it to finish, or evaluate a checkpoint-N"
     else:
         fix = "point to a folder written by `hf-dograph train` (e.g. outputs/tiny) or to one of its checkpoint-N"

@@ -77,7 +77,7 @@ def summarize_step(step: StepAccumulator, *, step_number: int, dograph: bool, pe
             # agreement of model and human domains, once model domains exist (not during the warm-up)
             step.nmi_pairs.append((assign[kept], human[kept]))
     entry = {"step": step_number, "alpha": alpha, "kept": kept, "assign": assign, "human": human,
-             "decision": decision, "per_micro_batch": per_micro_batch}
+             "decision": decision, "per_micro_batch": per_micro_batch, "ess": metrics["ess"]}
     step.reset_samples()
     return metrics, entry
 
@@ -149,8 +149,7 @@ def history_entry(e: dict) -> dict:
     if decision is not None and decision.warmup:
         entry["warmup"] = True
     alpha, kept = e["alpha"], e["kept"]
-    total = float(alpha.sum())
-    entry["ess"] = round((total ** 2 / max(float((alpha ** 2).sum()), 1e-300)) / max(int(kept.sum()), 1), 6)
+    entry["ess"] = round(float(e["ess"]), 6)
     human = e["human"]
     if human is not None and bool(kept.any()):
         h, a = human[kept].cpu(), alpha[kept].cpu()

@@ -28,7 +28,6 @@ from .config import DoGraphSettings
 from .distributed import all_reduce_gradients, is_distributed, no_sync
 from .errors import NonFiniteTrainingError
 from .sketch import LossOnlyEngine, build_engine
-from .sketch.factored import FactoredEngine
 from .step_record import DoGraphStepRecord, StepAccumulator, history_entry, summarize_step
 from .trainer_objective import SampleTerms, TrainerObjective
 from .weighting import MicroBatch, PerBatchDoGraph, SampleWeights, build_strategy
@@ -249,10 +248,7 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
             (torch.isfinite(terms.losses) & (terms.items > 0) if scaler is not None else kept).any()]).tolist()
         self._step.add_finite(usable)
         with no_sync(model):
-            if isinstance(engine, FactoredEngine):
-                engine.accumulate_weighted_gradient(alpha, nonfinite_left_out=left_out_nonfinite)
-            else:
-                engine.accumulate_weighted_gradient(alpha)
+            engine.accumulate_weighted_gradient(alpha, nonfinite_left_out=left_out_nonfinite)
         dropped = engine.samples_dropped_after_weighting()
         engine.clear()
         self._record(terms, kept, alpha, decision, human, dropped, scaler)
@@ -310,10 +306,9 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
                 p.grad = None
         limit = self.dograph_settings.nonfinite_step_limit
         if self._nonfinite_run >= limit:
-            bad = [n for n, p in self.accelerator.unwrap_model(self.model).named_parameters()
-                   if not bool(torch.isfinite(p.detach()).all())]
-            where = (f"these parameters hold NaN/inf: {', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
-                     if bad else "the parameters are finite, so the data or the loss produce NaN/inf")
+            bad = self._nonfinite_parameter_names()
+            where = (f"these parameters hold NaN/inf: {bad}" if bad
+                     else "the parameters are finite, so the data or the loss produce NaN/inf")
             raise NonFiniteTrainingError(
                 f"DoGraph stopped training at step {self.state.global_step + 1}: {self._nonfinite_run} optimizer steps in "
                 f"a row had no sample with a finite loss and gradient ({where}). Check the learning rate, "
@@ -391,14 +386,19 @@ class DoGraphTrainer(DoGraphCheckpointMixin, DoGraphCardMixin, Trainer):
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ saving: never a NaN model
-    def _check_finite_parameters(self) -> None:
+    def _nonfinite_parameter_names(self) -> str:
+        """The first few parameters holding NaN/inf, comma-separated ('' if none does)."""
         model = self.accelerator.unwrap_model(self.model)
         bad = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p.detach()).all())]
+        return f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
+
+    def _check_finite_parameters(self) -> None:
+        bad = self._nonfinite_parameter_names()
         if bad:
             raise NonFiniteTrainingError(
-                f"DoGraph refuses to save a model whose parameters hold NaN/inf ({', '.join(bad[:5])}"
-                f"{' ...' if len(bad) > 5 else ''}) at step {self.state.global_step}: it would look like a trained "
-                "model. Resume from the last good checkpoint with a lower learning rate or max_grad_norm."
+                f"DoGraph refuses to save a model whose parameters hold NaN/inf ({bad}) at step "
+                f"{self.state.global_step}: it would look like a trained model. Resume from the last good checkpoint "
+                "with a lower learning rate or max_grad_norm."
             )
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:

@@ -208,6 +208,10 @@ class TrainerObjective:
             factor = float(world // max(1, t.get_tp_size()))
         return factor / world
 
+    def _step_factor(self, num_items_in_batch) -> float:
+        """The Trainer's rank and accumulation factors, applied to every share."""
+        return self._rank_factor(num_items_in_batch) / self._ga_divisor(num_items_in_batch)
+
     # ------------------------------------------------------------------ the forward
     def model_inputs(self, model, inputs: dict) -> tuple[dict, torch.Tensor | None]:
         """The model's inputs (labels removed) and the packed-segment ids, if rows hold packed sequences.
@@ -257,7 +261,7 @@ class TrainerObjective:
 
     def shares(self, terms: SampleTerms, num_items_in_batch) -> torch.Tensor:
         """μ_i = items_i / normalizer × the Trainer's accumulation and rank factors (detached)."""
-        factor = self._rank_factor(num_items_in_batch) / self._ga_divisor(num_items_in_batch)
+        factor = self._step_factor(num_items_in_batch)
         normalizer = self._normalizer(num_items_in_batch, terms.local_items, terms.uses_items)
         return (terms.items / normalizer * factor).detach().float()
 
@@ -336,7 +340,7 @@ class TrainerObjective:
                 f"loss); it returned {type(terms).__name__} of shape {tuple(getattr(terms, 'shape', ()))}."
             )
         ones = torch.ones_like(terms, dtype=torch.float32).detach()
-        factor = self._rank_factor(num_items_in_batch) / self._ga_divisor(num_items_in_batch)
+        factor = self._step_factor(num_items_in_batch)
         # The user's terms already carry their normalization: each is its own share (μ_i = 1 × the factors).
         return SampleTerms(losses=terms.float(), shares=ones * factor, items=ones, segment_ids=None, outputs=outputs,
                            local_items=ones.sum(), uses_items=False)
@@ -350,7 +354,7 @@ class TrainerObjective:
             return
         if not bool(torch.isfinite(terms.losses.detach()).all()):
             return  # a NaN sample says nothing about the normalization: check on a later step
-        factor = self._rank_factor(num_items_in_batch) / self._ga_divisor(num_items_in_batch)
+        factor = self._step_factor(num_items_in_batch)
         ours = float(terms.trainer_loss()) / factor
         if self.kind == "custom":
             reference = self._reference_custom(terms.outputs, labels, num_items_in_batch)
@@ -359,8 +363,9 @@ class TrainerObjective:
             self.verified = True
             return
         if self.label_smoother is not None:
-            reference = float(self.label_smoother(terms.outputs, labels, shift_labels=self.shift,
-                                                  num_items_in_batch=num_items_in_batch))
+            with torch.no_grad():  # a number to compare with, not part of the step's graph
+                reference = float(self.label_smoother(terms.outputs, labels, shift_labels=self.shift,
+                                                      num_items_in_batch=num_items_in_batch))
             self._compare(ours, reference, "the Trainer's label-smoothed loss")
             self.verified = True
             return

@@ -24,8 +24,9 @@ from pathlib import Path
 
 from ..evaluation.lm_harness import LM_EVAL_FILE
 from ..evaluation.per_domain import PER_DOMAIN_FILE
-from ..plots import PLOT_FILES, PLOTS_DIR
+from ..plots import PLOT_FILES, PLOTS_DIR, domain_names_from
 from ..redaction import public_recipe
+from ..errors import one_line
 from ..state_file import DOGRAPH_STATE_NAME, load_dograph_state
 
 logger = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def read_run_facts(output_dir: str | os.PathLike, *, state: dict | None = None, 
     recipe_text, recipe_raw = read_recipe(out)
     per_domain = normalize_per_domain(per_domain if per_domain is not None else read_json(out / PER_DOMAIN_FILE))
     lm_eval = lm_eval if lm_eval is not None else read_json(out / LM_EVAL_FILE)
-    domain_names = domain_names or read_json(out / "domain_names.json")
+    domain_names = domain_names or domain_names_from(out)
     if domain_names is None and per_domain:
         domain_names = list(per_domain["domains"])
     return RunFacts(
@@ -97,7 +98,7 @@ def read_recipe(output_dir: Path) -> tuple[str | None, dict | None]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:
-        logger.warning("model card: %s is not readable YAML, left out of the card (%s)", path, " ".join(str(err).split()))
+        logger.warning("model card: %s is not readable YAML, left out of the card (%s)", path, one_line(err))
         return None, None
     if not isinstance(raw, dict):
         return None, None

@@ -185,8 +185,9 @@ def write_model_card(output_dir: str | os.PathLike, *, state: dict | None = None
     out.mkdir(parents=True, exist_ok=True)
     if state is None and (out / DOGRAPH_STATE_NAME).is_file():
         state = load_dograph_state(out)
+    kwargs["domain_names"] = kwargs.get("domain_names") or plotting.domain_names_from(out)  # read once, for both
     if plots and state and state.get("history"):
-        plotting.write_plots(state, out, domain_names=kwargs.get("domain_names") or plotting.domain_names_from(out))
+        plotting.write_plots(state, out, domain_names=kwargs["domain_names"])
     card = build_model_card(out, state=state, **kwargs)
     path = out / "README.md"
     card.save(path)

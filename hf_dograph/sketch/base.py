@@ -99,10 +99,13 @@ class GradEngine(abc.ABC):
         """(S,) bool: whether sample s's per-sample gradient is finite."""
 
     @abc.abstractmethod
-    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0, *,
+                                     nonfinite_left_out: bool | None = None) -> None:
         """p.grad += scale · Σ_s α_s g_s for every trainable p, α of shape (S,). Samples with α_s = 0 contribute
         exactly 0, even if their gradient is not finite; samples with α_s ≠ 0 contribute what they hold, inf/NaN
-        included."""
+        included. `nonfinite_left_out`: whether some sample with α_s = 0 holds inf/NaN, when the caller already
+        knows it (None: the engine finds out itself if it needs to; engines that never mix such a sample in
+        ignore it)."""
 
     def samples_dropped_after_weighting(self) -> int:
         """Samples of the last micro-batch that `accumulate_weighted_gradient` had to leave out (0 for engines

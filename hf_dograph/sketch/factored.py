@@ -261,7 +261,9 @@ class FactoredEngine(GradEngine):
             p.grad = None
         try:
             # Under FSDP2 its own gradient reduction is off here; `local` gets this rank's autograd sums.
-            with _fsdp.local_autograd_gradients(self.model) as local:
+            # (`capturing` has just looked for FSDP2 units: without them there is nothing to switch off.)
+            sharded = _fsdp.local_autograd_gradients(self.model) if self._sharded else contextlib.nullcontext({})
+            with sharded as local:
                 losses.sum().backward()
             autograd_sums = {id(p): local.get(id(p), p.grad) for _, p in self.params}
         finally:
@@ -366,9 +368,8 @@ class FactoredEngine(GradEngine):
     @torch.no_grad()
     def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0, *,
                                      nonfinite_left_out: bool | None = None) -> None:
-        """See `GradEngine`. `nonfinite_left_out`: whether some sample with α = 0 holds inf/NaN, if the caller
-        already knows (the trainer reads it with its one check per micro-batch); None: look (a device→host
-        read)."""
+        """See `GradEngine`. With `nonfinite_left_out=None` the engine looks itself (a device→host read); the
+        trainer passes what its one check per micro-batch read."""
         if self._layout is None:
             raise RuntimeError("accumulate_weighted_gradient needs a captured micro-batch: call backward() first")
         if alpha.shape != (self._layout.num_samples,):

@@ -158,8 +158,8 @@ class SampleLayout:
         (0 · NaN would be NaN)."""
         if self.is_rows:
             out = x * coef.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
-            if drop is not None:
-                out[drop] = 0
+            if drop is not None:  # a mask, not boolean indexing: no device→host read
+                out.masked_fill_(drop.reshape(-1, *([1] * (x.dim() - 1))), 0)
             return out
         seg = self._segment_ids(x.device)
         c = coef.to(device=x.device, dtype=x.dtype)[seg.clamp(min=0)]
@@ -173,14 +173,12 @@ class SampleLayout:
         if self.is_rows:
             if drop is None:
                 return x
-            if in_place:
-                x[drop] = 0
+            mask = drop.reshape(-1, *([1] * (x.dim() - 1)))  # a mask, not boolean indexing: no host read
+        else:
+            dropped, anything = self._dropped_tokens(drop, x.device, with_any=True)
+            if not anything:
                 return x
-            return x.masked_fill(drop.reshape(-1, *([1] * (x.dim() - 1))), 0)
-        dropped = self._dropped_tokens(drop, x.device)
-        if not bool(dropped.any()):
-            return x
-        mask = dropped.reshape(*dropped.shape, *([1] * (x.dim() - 2)))
+            mask = dropped.reshape(*dropped.shape, *([1] * (x.dim() - 2)))
         return x.masked_fill_(mask, 0) if in_place else x.masked_fill(mask, 0)
 
     def token_mask(self, samples: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -195,10 +193,23 @@ class SampleLayout:
             self._cache[key] = self.segment_ids.to(device)
         return self._cache[key]
 
-    def _dropped_tokens(self, drop: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-        seg = self._segment_ids(device)
-        out = seg < 0
-        return out if drop is None else out | self.token_mask(drop, device)
+    def _dropped_tokens(self, drop: torch.Tensor | None, device: torch.device, with_any: bool = False):
+        """(B, T) bool: tokens of no sample or of a `drop` sample; with `with_any`, also whether there is one.
+        Both are kept for the `drop` tensor last asked about: every layer of a micro-batch asks with the same
+        one, so the mask is built, and `any()` read from the device, once per micro-batch, not once per layer."""
+        key = ("dropped", device)
+        cached = self._cache.get(key)
+        if cached is None or cached[0] is not drop:  # identity: the cache holds `drop`, so its id cannot be reused
+            seg = self._segment_ids(device)
+            mask = seg < 0
+            if drop is not None:
+                mask = mask | self.token_mask(drop, device)
+            cached = self._cache[key] = [drop, mask, None]
+        if not with_any:
+            return cached[1]
+        if cached[2] is None:
+            cached[2] = bool(cached[1].any())
+        return cached[1], cached[2]
 
     def _index(self, device: torch.device | None = None):
         """(index (S, L) of flat token positions, valid mask (S, L), lengths (S,)) for a segment layout."""

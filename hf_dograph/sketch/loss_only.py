@@ -73,7 +73,8 @@ class LossOnlyEngine(GradEngine):
     def finite_samples(self) -> torch.Tensor:
         return torch.isfinite(self._losses.detach())
 
-    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0, *,
+                                     nonfinite_left_out: bool | None = None) -> None:
         losses = self._losses
         if alpha.shape != losses.shape:
             raise ValueError(f"alpha has shape {tuple(alpha.shape)}; expected {tuple(losses.shape)}: one weight per "

@@ -156,7 +156,8 @@ class OpacusEngine(GradEngine):
     def finite_samples(self) -> torch.Tensor:
         return self._finite
 
-    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0) -> None:
+    def accumulate_weighted_gradient(self, alpha: torch.Tensor, scale: float = 1.0, *,
+                                     nonfinite_left_out: bool | None = None) -> None:
         if self._per_sample is None:
             raise RuntimeError("accumulate_weighted_gradient needs a captured micro-batch: call backward() first")
         if alpha.shape != (self._finite.shape[0],):

@@ -8,7 +8,6 @@ then summed per sample, when samples are packed segments).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
