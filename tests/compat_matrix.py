@@ -16,7 +16,6 @@ in `REFUSED` with the reason; the matrix checks that it is refused at constructi
 
 from __future__ import annotations
 
-import copy
 import math
 import tempfile
 from dataclasses import dataclass, field

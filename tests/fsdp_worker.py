@@ -24,7 +24,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(__file__))
 from helpers_models import model_inputs  # noqa: E402
 from worker_helpers import record_domain_weights  # noqa: E402
-from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2, tiny_llama  # noqa: E402
+from tiny_models import MODEL_BUILDERS, make_batch, rows_from_batch, stack_collator  # noqa: E402
 
 GLOBAL_BATCH = 8
 STEPS = 3
@@ -37,10 +37,6 @@ def run_name(cfg: dict) -> str:
     strategy = cfg.get("strategy", "dograph")
     prefix = "" if strategy == "dograph" else f"{strategy}_"
     return f"{prefix}{cfg['mode']}_{cfg['model']}_ga{cfg['accumulation']}{extra}"
-
-
-def build_model(name: str):
-    return tiny_gpt2() if name == "gpt2" else tiny_llama()
 
 
 def shard(model) -> None:
@@ -73,7 +69,7 @@ def run_engine(out_dir: str, cfg: dict) -> None:
     world = dist.get_world_size() if dist.is_initialized() else 1
     rank = dist.get_rank() if dist.is_initialized() else 0
     accumulation = cfg["accumulation"]
-    model = build_model(cfg["model"])
+    model = MODEL_BUILDERS[cfg["model"]]()
     settings = DoGraphSettings(**DOMAIN_SETTINGS)
     engine = None
     if cfg.get("engine_before_sharding"):
@@ -168,7 +164,7 @@ def run_trainer(out_dir: str, cfg: dict) -> None:
         logging_steps=1, ddp_timeout=60,
         accelerator_config={"even_batches": False}, **DOMAIN_SETTINGS, **fsdp,
     )
-    trainer = DoGraphTrainer(model=build_model(cfg["model"]), args=args, train_dataset=Dataset.from_list(rows),
+    trainer = DoGraphTrainer(model=MODEL_BUILDERS[cfg["model"]](), args=args, train_dataset=Dataset.from_list(rows),
                              data_collator=stack_collator)
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(range(len(rows)))
     if world > 1:

@@ -84,11 +84,7 @@ def test_a_nan_mid_run_stops_training_with_a_message(tmp_path):
 
 
 def test_steps_without_usable_samples_are_counted_logged_and_update_nothing(tmp_path):
-    trainer = None
-    try:
-        trainer = _run(tmp_path, steps=5, callbacks=[_PoisonAt(2)], nonfinite_step_limit=10)
-    except NonFiniteTrainingError:  # pragma: no cover - the limit is above the run's length
-        raise
+    trainer = _run(tmp_path, steps=5, callbacks=[_PoisonAt(2)], nonfinite_step_limit=10)  # limit above the run
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["dograph/nonfinite_steps"] for h in logs] == [0, 0, 1, 1, 1]
     assert all(math.isnan(h["loss"]) for h in logs[2:])  # logged as non-finite, not as 0

@@ -92,7 +92,11 @@ def test_fsdp_two_processes_equal_one(fsdp_runs, cfg):
     for w1, w2 in zip(one["weights"], two["weights"]):
         assert torch.allclose(torch.tensor(w1), torch.tensor(w2), rtol=0, atol=1e-4), (w1, w2)
     # engine level: the sketches of the whole batch (the single-process ones: same projections, same
-    # CountSketch) and every sample's weight multiplier v_i
+    # CountSketch) and every sample's weight multiplier v_i, one of each per micro-batch
+    if cfg["mode"] == "engine":
+        micro_batches = 3 * cfg["accumulation"]
+        assert len(one["sketches"]) == len(two["sketches"]) == micro_batches
+        assert len(one["multipliers"]) == len(two["multipliers"]) == micro_batches
     for z1, z2 in zip(one.get("sketches", []), two.get("sketches", [])):
         assert torch.allclose(z1, z2, rtol=1e-4, atol=1e-5 * float(z1.abs().max())), float((z1 - z2).abs().max())
     for v1, v2 in zip(one.get("multipliers", []), two.get("multipliers", [])):

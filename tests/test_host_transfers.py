@@ -76,6 +76,7 @@ def test_one_host_read_per_micro_batch_and_none_more_per_optimizer_step(tmp_path
         _micro_batch(trainer, 2 * s + 1, last=True)
     dm = trainer.dograph_strategy.model
     assert dm.active and dm.refits >= 2
+    refits_before = dm.refits
     for step in range(4):  # steady state, refit steps among them (refit every 2 optimizer steps)
         refits = dm.refits
         with count_host_reads() as first:
@@ -84,6 +85,7 @@ def test_one_host_read_per_micro_batch_and_none_more_per_optimizer_step(tmp_path
             _micro_batch(trainer, 101 + 2 * step, last=True)
         assert len(first) == 1, first
         assert len(last) == 1, (last, "refit" if dm.refits > refits else "no refit")
+    assert dm.refits > refits_before  # the measured steps included refits
 
 
 def test_the_counter_sees_a_read():

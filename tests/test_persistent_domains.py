@@ -14,7 +14,7 @@ from hf_dograph.config import DoGraphSettings
 from hf_dograph.domain_model import PersistentDomains, canonical_order
 from hf_dograph.kmeans import kmeans, refine, reseed_empty, squared_distances
 
-from compat_matrix import flattening_collator, lm_rows, pad_collator
+from compat_matrix import flattening_collator, lm_rows, pad_collator, relative_difference
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2, tiny_llama
 
 
@@ -232,10 +232,6 @@ def _flat(model):
     return torch.cat([p.detach().flatten().double() for p in model.parameters()])
 
 
-def _rel(a, b):
-    return float((a - b).norm() / b.norm())
-
-
 def test_defaults_at_batch_8_act_within_40_steps(tmp_path):
     """run_clm.py's default batch of 8 with every DoGraph default (11 domains): after 40 SGD steps the
     parameters are not uniform's (today's per-batch mode had every sample alone in its cluster: exactly uniform)."""
@@ -245,7 +241,7 @@ def test_defaults_at_batch_8_act_within_40_steps(tmp_path):
     uniform, _ = _train(tmp_path / "u", build=tiny_gpt2, data=data, mixing_strategy="uniform", **common)
     start = _flat(tiny_gpt2())
     # the updates differ by more than float noise (uniform vs DoGraph during the warm-up: ~1e-7)
-    assert _rel(_flat(dograph) - start, _flat(uniform) - start) > 1e-3
+    assert relative_difference(_flat(dograph) - start, _flat(uniform) - start) > 1e-3
     assert trainer.dograph_strategy.model.active
     history = trainer.flush_dograph_history()
     assert sum(1 for e in history if e.get("warmup")) == 256 // 8  # the default warm-up, then weighted steps
@@ -262,12 +258,12 @@ def test_a_step_does_not_depend_on_how_its_samples_are_split(tmp_path, batch, ac
     split, trainer = _train(tmp_path / f"{batch}x{accumulation}", data=data, per_device_train_batch_size=batch,
                             gradient_accumulation_steps=accumulation, **common)
     assert ref_trainer.dograph_strategy.model.refits >= 2  # the domains were fitted and refitted
-    assert _rel(_flat(split), _flat(one)) < 1e-5
+    assert relative_difference(_flat(split), _flat(one)) < 1e-5
     torch.testing.assert_close(trainer.dograph_strategy.model.weights, ref_trainer.dograph_strategy.model.weights,
                                rtol=1e-4, atol=1e-6)
     # and DoGraph acted: not the uniform run
     uniform, _ = _train(tmp_path / "u", data=data, mixing_strategy="uniform", **common)
-    assert _rel(_flat(one), _flat(uniform)) > 10 * _rel(_flat(split), _flat(one))
+    assert relative_difference(_flat(one), _flat(uniform)) > 10 * relative_difference(_flat(split), _flat(one))
 
 
 def test_effective_sample_size_stays_above_half_the_batch(tmp_path):
@@ -306,6 +302,6 @@ def test_packed_sequences_are_samples(tmp_path):
     packed_trainer = results["packed"][1]
     assert packed_trainer.dograph_last.multipliers.shape == (8,)  # 8 samples in one packed row
     assert packed_trainer.dograph_strategy.model.active
-    assert _rel(_flat(results["packed"][0]), _flat(results["padded"][0])) < 1e-5
+    assert relative_difference(_flat(results["packed"][0]), _flat(results["padded"][0])) < 1e-5
     torch.testing.assert_close(results["packed"][1].dograph_strategy.model.weights,
                                results["padded"][1].dograph_strategy.model.weights, rtol=1e-4, atol=1e-6)
