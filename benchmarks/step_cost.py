@@ -193,6 +193,25 @@ def run_paired(spec: dict) -> dict:
         t.create_optimizer_and_scheduler(num_training_steps=rounds)
         t.current_gradient_accumulation_steps = 1
 
+    wall, cpu = paired_rounds(trainers, batches, device)
+    k = spec["warmup"]
+    ratio = [f / p for f, p in zip(wall["factored"][k:], wall["plain"][k:])]
+    cpu_ratio = [f / p for f, p in zip(cpu["factored"][k:], cpu["plain"][k:])]
+    # The median hides DoGraph's periodic domain refits; the ratio of the sums includes them at their rate.
+    total_ratio = sum(wall["factored"][k:]) / sum(wall["plain"][k:])
+    return dict(spec, wall=wall, cpu=cpu, plain_s=statistics.median(wall["plain"][k:]),
+                factored_s=statistics.median(wall["factored"][k:]), ratio=statistics.median(ratio),
+                cpu_ratio=statistics.median(cpu_ratio), ratios=ratio, total_ratio=total_ratio,
+                spread=(min(ratio), max(ratio)), refits=trainers["factored"].dograph_strategy.model.refits)
+
+
+def paired_rounds(trainers: dict, batches: list[dict], device: str = "cpu") -> tuple[dict, dict]:
+    """Wall and CPU seconds of every step of two trainers that alternate on the same batches (order flipped
+    every round): {name: [seconds per round]} each. A step is what `Trainer.train()` does per optimizer step:
+    `training_step`, gradient clipping, optimizer and scheduler step, `zero_grad`. Works with any version of
+    hf_dograph (only the Trainer's API is used): `tiny_step.py` times an older checkout with it."""
+    import torch
+
     def step(t, b) -> tuple[float, float]:
         if device == "cuda":
             torch.cuda.synchronize()
@@ -206,22 +225,15 @@ def run_paired(spec: dict) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - w0, _cpu_seconds() - c0
 
+    first, second = trainers
     wall = {k: [] for k in trainers}
     cpu = {k: [] for k in trainers}
     for r, b in enumerate(batches):
-        for name in (("plain", "factored") if r % 2 == 0 else ("factored", "plain")):
+        for name in ((first, second) if r % 2 == 0 else (second, first)):
             w, c = step(trainers[name], b)
             wall[name].append(w)
             cpu[name].append(c)
-    k = spec["warmup"]
-    ratio = [f / p for f, p in zip(wall["factored"][k:], wall["plain"][k:])]
-    cpu_ratio = [f / p for f, p in zip(cpu["factored"][k:], cpu["plain"][k:])]
-    # The median hides DoGraph's periodic domain refits; the ratio of the sums includes them at their rate.
-    total_ratio = sum(wall["factored"][k:]) / sum(wall["plain"][k:])
-    return dict(spec, wall=wall, cpu=cpu, plain_s=statistics.median(wall["plain"][k:]),
-                factored_s=statistics.median(wall["factored"][k:]), ratio=statistics.median(ratio),
-                cpu_ratio=statistics.median(cpu_ratio), ratios=ratio, total_ratio=total_ratio,
-                spread=(min(ratio), max(ratio)), refits=trainers["factored"].dograph_strategy.model.refits)
+    return wall, cpu
 
 
 # ---------------------------------------------------------------------------------------------- driver

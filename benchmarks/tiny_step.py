@@ -23,9 +23,12 @@ import copy
 import json
 import os
 import statistics
-import time
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import paired_rounds  # noqa: E402 - the standard library only at import: any hf_dograph works
 
 
 def main(argv=None) -> dict:
@@ -48,7 +51,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     base = GPT2LMHeadModel(GPT2Config(vocab_size=259, n_positions=128, n_embd=64, n_layer=2, n_head=4))
     g = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 259, (16, 128), generator=g) for _ in range(a.rounds + warmup)]
+    ids = [torch.randint(0, 259, (16, 128), generator=g) for _ in range(a.rounds + warmup)]
+    batches = [{"input_ids": x, "labels": x.clone(), "attention_mask": torch.ones_like(x)} for x in ids]
     common = dict(output_dir=f"/tmp/tiny_step_{os.getpid()}", per_device_train_batch_size=16, report_to=[],
                   save_strategy="no", disable_tqdm=True, learning_rate=3e-3, seed=0, use_cpu=True)
     # The tiny recipe's DoGraph settings at each version (see the module docstring).
@@ -60,21 +64,8 @@ def main(argv=None) -> dict:
         t.create_optimizer_and_scheduler(num_training_steps=len(batches))
         t.current_gradient_accumulation_steps = 1
 
-    def step(t, ids) -> float:
-        start = time.perf_counter()
-        t.training_step(t.model, {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), 1.0)
-        t.optimizer.step()
-        t.lr_scheduler.step()
-        t.model.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
-
-    wall = {"plain": [], "dograph": []}
-    for r, ids in enumerate(batches):
-        for name in (("plain", "dograph") if r % 2 == 0 else ("dograph", "plain")):
-            seconds = step(trainers[name], ids)
-            if r >= warmup:
-                wall[name].append(seconds)
+    rounds, _ = paired_rounds(trainers, batches)
+    wall = {name: seconds[warmup:] for name, seconds in rounds.items()}
     ratios = [d / p for d, p in zip(wall["dograph"], wall["plain"])]
     result = {"version": "persistent domains" if persistent else "per-micro-batch K-means",
               "plain_ms": round(1000 * statistics.median(wall["plain"]), 2),
