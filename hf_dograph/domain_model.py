@@ -9,9 +9,13 @@ docs/METHOD_NOTES.md). Here the domains are a model kept across steps:
 * **Domains.** K-means (`kmeans.py`, on the device) on the window: k-means++ seedings for the first fit, then
   every `domain_refit_steps` optimizer steps a refit that starts from the current centroids (Lloyd, empty
   clusters re-seeded), so that domain j keeps its identity and a refit costs one K-means run.
-* **Statistics.** Every optimizer step the window is assigned to the centroids and each domain's size,
-  frequency (its share of the items), mean sketch, variance σ² and mean loss are recomputed from its ~W/m
-  samples; σ² is shrunk toward the pooled within-domain variance, (ν_j σ²_j + κ σ²_pool)/(ν_j + κ).
+* **Statistics.** Every optimizer step each domain's size, frequency (its share of the items), mean sketch,
+  variance σ² and mean loss are recomputed from its ~W/m samples in the window; σ² is shrunk toward the
+  pooled within-domain variance, (ν_j σ²_j + κ σ²_pool)/(ν_j + κ). Centroids change only at refits, so each
+  window row's domain and its squared distance to that centroid are computed once, when the row arrives (and
+  for the whole window at a refit); σ² then follows from them without another pass over the window's
+  sketches: Σ_{i∈j} ‖z_i − μ_j‖² = Σ_{i∈j} ‖z_i − c_j‖² − n_j ‖μ_j − c_j‖² (μ_j the mean, c_j the centroid,
+  close to each other, so nothing cancels).
 * **Weights.** The objective gives w on the simplex from these statistics (the default `uncertainty`
   without graph term in closed form on the device, the others with the exact host solvers of
   `objectives.py`); w is then smoothed over time, w ← (1-β)w + β w_new, starting from uniform.
@@ -34,7 +38,7 @@ from typing import Callable
 
 import torch
 
-from .kmeans import kmeans, refine, squared_distances
+from .kmeans import kmeans, nearest, refine
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +75,9 @@ class PersistentDomains:
         self.loss: torch.Tensor | None = None
         self.items: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
+        # Per window row, under the current centroids: its domain and ‖z_i − c_domain‖² (see the docstring)
+        self.domain: torch.Tensor | None = None
+        self.spread: torch.Tensor | None = None
         self.ptr = 0
         self.filled = 0
         # Counters (host ints: they never need the device)
@@ -95,7 +102,7 @@ class PersistentDomains:
         """Nearest domain of each sketch (S,) under the current centroids (-1 during warm-up)."""
         if self.centroids is None:
             return torch.full((z.shape[0],), -1, dtype=torch.long, device=z.device)
-        return squared_distances(z.float(), self.centroids.to(z.device)).argmin(dim=-1)
+        return nearest(z.float(), self.centroids.to(z.device))
 
     def sample_weights(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(v (S,), domain (S,)): each sample's weight multiplier and nearest domain; v ≡ 1 during warm-up."""
@@ -140,6 +147,8 @@ class PersistentDomains:
             self.loss = torch.zeros(self.capacity, device=dev)
             self.items = torch.zeros(self.capacity, device=dev)
             self.valid = torch.zeros(self.capacity, device=dev)
+            self.domain = torch.zeros(self.capacity, dtype=torch.long, device=dev)
+            self.spread = torch.zeros(self.capacity, device=dev)
         if k != self.z.shape[1]:
             raise ValueError(f"sketches of dimension {k} reached a domain model of dimension {self.z.shape[1]}")
         packed = packed[-self.capacity:]  # more rows than the window holds: keep the last (canonical) ones
@@ -150,6 +159,8 @@ class PersistentDomains:
         self.loss[idx] = packed[:, k]
         self.items[idx] = packed[:, k + 1]
         self.valid[idx] = packed[:, k + 2]
+        if self.centroids is not None:
+            self._assign_rows(idx)
         self.ptr = (self.ptr + n) % self.capacity
         self.filled = min(self.capacity, self.filled + n)
 
@@ -166,19 +177,27 @@ class PersistentDomains:
             self.centroids = refine(self.z, self.valid, self.centroids, int(s.kmeans_max_iter))
         self.refits += 1
         self.last_refit_step = self.steps
+        self._assign_rows(slice(None))
+
+    def _assign_rows(self, idx) -> None:
+        """Domain and squared distance to its centroid of the window rows `idx` (new rows, or all at a refit)."""
+        z = self.z[idx]
+        domain = nearest(z, self.centroids)
+        self.domain[idx] = domain
+        self.spread[idx] = ((z - self.centroids[domain]) ** 2).sum(1)
 
     def _update(self) -> None:
         """Statistics of every domain from the window, the objective's weights, smoothing, multipliers."""
         s = self.settings
         z, valid = self.z, self.valid
-        assign = squared_distances(z, self.centroids).argmin(dim=-1)
-        onehot = torch.nn.functional.one_hot(assign, self.m).to(z.dtype) * valid[:, None]  # (W, m)
+        onehot = torch.nn.functional.one_hot(self.domain, self.m).to(z.dtype) * valid[:, None]  # (W, m)
         counts = onehot.sum(0)
         item_mass = (onehot * self.items[:, None]).sum(0)
         freq = item_mass / item_mass.sum().clamp(min=1e-30)
         means = (onehot.T @ z) / counts.clamp(min=1)[:, None]
-        dev = ((z - means[assign]) ** 2).sum(1)
-        ss = (onehot * dev[:, None]).sum(0)
+        # Σ_{i∈j} ‖z_i − μ_j‖², from the rows' distances to their centroid (see the module docstring)
+        offset = ((means - self.centroids) ** 2).sum(1)
+        ss = (onehot.T @ self.spread - counts * offset).clamp(min=0)
         nu = (counts - 1).clamp(min=0)
         pooled = ss.sum() / nu.sum().clamp(min=1)
         kappa = float(s.variance_shrinkage)
@@ -255,7 +274,7 @@ class PersistentDomains:
             "capacity": self.capacity,
         }
         tensors = {}
-        for name in ("z", "loss", "items", "valid", "centroids", "weights", "multipliers"):
+        for name in ("z", "loss", "items", "valid", "domain", "spread", "centroids", "weights", "multipliers"):
             t = getattr(self, name)
             if t is not None:
                 tensors[name] = t.detach().cpu().contiguous()
@@ -268,9 +287,14 @@ class PersistentDomains:
             setattr(self, name, meta.get(name, getattr(self, name)))
         if "z" in tensors:
             self.capacity = int(tensors["z"].shape[0])
-        for name in ("z", "loss", "items", "valid", "centroids", "weights", "multipliers"):
+        for name in ("z", "loss", "items", "valid", "domain", "spread", "centroids", "weights", "multipliers"):
             t = tensors.get(name)
             setattr(self, name, None if t is None else t.to(device) if device is not None else t)
+        if self.z is not None and self.domain is None:  # a checkpoint from before the rows' domains were kept
+            self.domain = torch.zeros(self.capacity, dtype=torch.long, device=self.z.device)
+            self.spread = torch.zeros(self.capacity, device=self.z.device)
+            if self.centroids is not None:
+                self._assign_rows(slice(None))
         self.stats = {k[len("stats."):]: (v.to(device) if device is not None else v)
                       for k, v in tensors.items() if k.startswith("stats.")}
         self._pending = []

@@ -27,6 +27,14 @@ def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (x2[..., :, None] - 2.0 * cross + c2[..., None, :]).clamp_(min=0.0)
 
 
+def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest centroid of each row, (..., N): argmin_j ‖c_j‖² − 2⟨x, c_j⟩ — the squared distance
+    without the row's own ‖x‖², which does not change the argmin and would cost a pass over x."""
+    c2 = (centroids * centroids).sum(-1)
+    cross = torch.matmul(centroids, x.T).transpose(-1, -2)  # (..., N, m)
+    return (c2[..., None, :] - 2.0 * cross).argmin(dim=-1)
+
+
 def _gumbel_argmax(log_weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A draw from softmax(log_weights) along the last axis (one per leading index)."""
     u = torch.rand(log_weights.shape, generator=generator, device=log_weights.device, dtype=log_weights.dtype)
@@ -56,7 +64,7 @@ def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters
     its previous centroid."""
     m = centroids.shape[-2]
     for _ in range(iters):
-        assign = squared_distances(x, centroids).argmin(dim=-1)  # (R, N)
+        assign = nearest(x, centroids)  # (R, N)
         onehot = torch.nn.functional.one_hot(assign, m).to(x.dtype) * weights[None, :, None]  # (R, N, m)
         counts = onehot.sum(dim=1)  # (R, m)
         sums = torch.matmul(onehot.transpose(1, 2), x)  # (R, m, k)
@@ -81,9 +89,9 @@ def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor
     """Centroids (m, k) with every cluster that holds no weighted row moved onto the row farthest from all
     centroids (then the next farthest, ...): a refit started from old centroids never keeps a dead domain."""
     m = centroids.shape[0]
-    nearest = squared_distances(x, centroids).min(dim=-1)
-    counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, nearest.indices, weights)
-    far = nearest.values * (weights > 0)
+    closest = squared_distances(x, centroids).min(dim=-1)
+    counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, closest.indices, weights)
+    far = closest.values * (weights > 0)
     for j in range(m):
         row = far.argmax()
         empty = counts[j] <= 0

@@ -105,6 +105,8 @@ def test_statistics_are_those_of_the_window_by_hand():
     _feed(dm, 6)
     z, valid, items, loss = dm.z, dm.valid, dm.items, dm.loss
     assign = squared_distances(z, dm.centroids).argmin(1)
+    # the rows' domains kept since they arrived (the last step's rows came after the last refit) are current
+    assert dm.last_refit_step < dm.steps and torch.equal(dm.domain, assign)
     m = 3
     counts = torch.stack([(valid * (assign == j)).sum() for j in range(m)])
     freq = torch.stack([(items * valid * (assign == j)).sum() for j in range(m)]) / (items * valid).sum()
@@ -153,6 +155,7 @@ def test_a_domain_without_recent_samples_gets_the_mean_weight_of_the_others():
     dm = PersistentDomains(_settings(num_domains=4))
     _feed(dm, 6)  # three blobs, four domains: one is empty after the refits at most
     dm.centroids[3] = 1e4  # make domain 3 empty for sure
+    dm._assign_rows(slice(None))  # the window rows' domains follow the centroids, as after a refit
     dm._update()
     present = dm.stats["counts"] > 0
     assert not bool(present[3]) and bool(present.any())
