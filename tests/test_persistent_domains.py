@@ -123,6 +123,28 @@ def test_statistics_are_those_of_the_window_by_hand():
     torch.testing.assert_close(dm.stats["losses"], losses)
 
 
+def test_variance_from_kept_distances_holds_when_rows_drifted_far_from_their_centroid():
+    """σ² comes from the rows' distances to their centroid minus the mean's offset (an identity): check it against
+    the direct Σ‖z − μ‖² when a domain's rows sit ~30 of their own spreads away from its centroid."""
+    dm = PersistentDomains(_settings(variance_shrinkage=0.0))
+    _feed(dm, 3)  # fitted: window, centroids and the rows' domains exist
+    g = torch.Generator().manual_seed(5)
+    k = dm.z.shape[1]
+    dm.centroids = torch.zeros(3, k)
+    dm.centroids[1, 0], dm.centroids[2, 0] = 1e3, -1e3
+    drift = torch.zeros(k)
+    drift[1] = 30.0
+    dm.z = drift + 0.25 * torch.randn(dm.z.shape, generator=g)  # all nearest to centroid 0, spread ~1 per row
+    dm.valid = torch.ones_like(dm.valid)
+    dm._assign_rows(slice(None))
+    dm._update()
+    z = dm.z.double()
+    direct = ((z - z.mean(0)) ** 2).sum() / (len(z) - 1)
+    assert int(dm.stats["counts"][0]) == len(z)
+    # measured 2.7e-4 relative: float32 rounding of ~1e-7 × (drift² / spread² = 900), see _update
+    assert float(dm.stats["sigma2"][0]) == pytest.approx(float(direct), rel=1e-3)
+
+
 def test_closed_form_uncertainty_equals_the_host_solver():
     """The on-device w ∝ 1/(σ² + ε) is objectives.solve_uncertainty on the same statistics."""
     from hf_dograph.domains import DomainStats
