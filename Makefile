@@ -25,6 +25,6 @@ bench: setup
 	$(PY) benchmarks/step_cost.py
 
 # For the lent GPU machine (benchmarks/gpu/run_checks.sh): cp312 wheels of what its image lacks, into .whl/.
-device-wheels: setup
-	$(PY) -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+device-wheels:
+	python3 -m pip download -q --dest .whl --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -r benchmarks/gpu/device-requirements.txt

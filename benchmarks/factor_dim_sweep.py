@@ -29,7 +29,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import model_for, paired_rounds, token_batches  # noqa: E402
+from step_cost import lm_batches, model_for, paired_rounds, prepare_for_steps, step_args  # noqa: E402
 
 
 def variant_trainer(name: str, base, common: dict, batch: int, projection_dim: int):
@@ -51,22 +51,17 @@ def variant_trainer(name: str, base, common: dict, batch: int, projection_dim: i
 
 
 def measure(model: str, batch: int, seq: int, variants: list[str], rounds: int, projection_dim: int) -> list[dict]:
-    import torch
     from transformers import Trainer, TrainingArguments
 
     spec = {"model": model, "batch": batch, "seq": seq, "device": "cpu"}
     base = model_for(spec)
-    batches = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-               for ids in token_batches(spec, rounds + 1)]
-    common = dict(output_dir=f"/tmp/factor_dim_sweep_{os.getpid()}", per_device_train_batch_size=batch,
-                  report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0, use_cpu=True)
+    batches = lm_batches(spec, rounds + 1)
+    common = step_args("factor_dim_sweep", batch, "cpu")
     rows = []
     for name in variants:
         trainers = {"plain": Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common)),
                     name: variant_trainer(name, base, common, batch, projection_dim)}
-        for t in trainers.values():
-            t.create_optimizer_and_scheduler(num_training_steps=rounds + 1)
-            t.current_gradient_accumulation_steps = 1
+        prepare_for_steps(trainers.values(), rounds + 1)
         wall, _ = paired_rounds(trainers, batches)
         ratios = [v / p for v, p in zip(wall[name][1:], wall["plain"][1:])]
         q = statistics.quantiles(ratios, n=4)

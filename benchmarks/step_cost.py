@@ -65,6 +65,31 @@ def token_batches(spec: dict, count: int) -> list:
     return [torch.randint(0, vocab, (spec["batch"], spec["seq"]), generator=g) for _ in range(count)]
 
 
+def lm_batches(spec: dict, count: int) -> list[dict]:
+    """`token_batches` as causal-LM training batches (labels = inputs, no padding)."""
+    import torch
+
+    return [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
+            for ids in token_batches(spec, count)]
+
+
+def step_args(name: str, batch: int, device: str, **overrides) -> dict:
+    """TrainingArguments fields shared by the benchmarks that call `training_step` themselves (no saving, no
+    logging, seed 0); `overrides` replace or add fields."""
+    args = dict(output_dir=f"/tmp/{name}_{os.getpid()}", per_device_train_batch_size=batch, report_to=[],
+                save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0, use_cpu=(device == "cpu"))
+    args.update(overrides)
+    return args
+
+
+def prepare_for_steps(trainers, num_training_steps: int) -> None:
+    """What `Trainer.train()` sets up before its first step, for trainers stepped by hand: optimizer and scheduler,
+    no gradient accumulation."""
+    for t in trainers:
+        t.create_optimizer_and_scheduler(num_training_steps=num_training_steps)
+        t.current_gradient_accumulation_steps = 1
+
+
 def model_for(spec: dict):
     """The GPT-2 of `spec` (weights from seed 0, dropout 0), built after applying its thread setting."""
     import torch
@@ -169,7 +194,6 @@ def run_paired(spec: dict) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import copy
 
-    import torch
     from transformers import Trainer, TrainingArguments
 
     from hf_dograph import DoGraphConfig, DoGraphTrainer
@@ -178,20 +202,15 @@ def run_paired(spec: dict) -> dict:
     batch = spec["batch"]
     rounds = spec["warmup"] + spec["steps"]
     base_model = model_for(spec)
-    batches = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-               for ids in token_batches(spec, rounds)]
-    common = dict(output_dir=f"/tmp/step_cost_{os.getpid()}", per_device_train_batch_size=batch, report_to=[],
-                  save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0, use_cpu=(device == "cpu"),
-                  bf16=spec.get("bf16", False))
+    batches = lm_batches(spec, rounds)
+    common = step_args("step_cost", batch, device, bf16=spec.get("bf16", False))
     trainers = {
         "plain": Trainer(model=copy.deepcopy(base_model), args=TrainingArguments(**common)),
         "factored": DoGraphTrainer(model=copy.deepcopy(base_model), args=DoGraphConfig(
             **common, grad_engine="factored", projection_dim=spec["projection_dim"], domain_warmup_samples=batch)),
     }
     del base_model
-    for t in trainers.values():
-        t.create_optimizer_and_scheduler(num_training_steps=rounds)
-        t.current_gradient_accumulation_steps = 1
+    prepare_for_steps(trainers.values(), rounds)
 
     wall, cpu = paired_rounds(trainers, batches, device)
     k = spec["warmup"]

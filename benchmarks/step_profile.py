@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import MODELS, model_for, token_batches  # noqa: E402
+from step_cost import MODELS, lm_batches, model_for, prepare_for_steps, step_args  # noqa: E402
 
 PHASES = ("forward", "backward", "sketch", "weights", "weighted gradient", "domain update", "optimizer", "other")
 
@@ -129,11 +129,8 @@ def run(spec: dict) -> dict:
     device = spec["device"]
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     base = model_for(spec)
-    batches = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-               for ids in token_batches(spec, spec["steps"] + 2)]
-    common = dict(output_dir=f"/tmp/step_profile_{os.getpid()}", per_device_train_batch_size=spec["batch"],
-                  report_to=[], save_strategy="no", disable_tqdm=True, learning_rate=1e-4, seed=0,
-                  use_cpu=(device == "cpu"), bf16=spec.get("bf16", False))
+    batches = lm_batches(spec, spec["steps"] + 2)
+    common = step_args("step_profile", spec["batch"], device, bf16=spec.get("bf16", False))
     plain = Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common))
     dograph = DoGraphTrainer(model=copy.deepcopy(base), args=DoGraphConfig(
         **common, domain_warmup_samples=spec["batch"], projection_dim=spec["projection_dim"]))
@@ -149,9 +146,7 @@ def run(spec: dict) -> dict:
         return accumulate(*a, **k)
 
     engine.accumulate_weighted_gradient = measured
-    for t in (plain, dograph):
-        t.create_optimizer_and_scheduler(num_training_steps=spec["steps"] + 2)
-        t.current_gradient_accumulation_steps = 1
+    prepare_for_steps((plain, dograph), spec["steps"] + 2)
 
     def step(name, t, b, timer, measure):
         sync()

@@ -176,10 +176,11 @@ def _adapt_domain_model(meta: dict, tensors: dict, saved: dict, current: dict) -
         return meta, tensors
     meta = dict(meta)
     capacity = int(current.get("domain_window") or len(tensors["z"]))
-    if saved.get("num_domains") != current.get("num_domains") or capacity != len(tensors["z"]):
+    new_domains = saved.get("num_domains") != current.get("num_domains")
+    if new_domains or capacity != len(tensors["z"]):
         # the rows' domains under the old centroids / in the old ring: recomputed when the model is loaded
         tensors = {k: v for k, v in tensors.items() if k not in ("domain", "spread")}
-    if saved.get("num_domains") != current.get("num_domains"):
+    if new_domains:
         for name in ("centroids", "weights", "multipliers"):
             tensors.pop(name, None)
         tensors = {k: v for k, v in tensors.items() if not k.startswith("stats.")}

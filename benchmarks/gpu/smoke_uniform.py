@@ -17,7 +17,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from step_cost import model_for, token_batches  # noqa: E402
+from step_cost import lm_batches, model_for, prepare_for_steps, step_args  # noqa: E402
 
 
 def main(device: str = "cuda") -> int:
@@ -35,17 +35,13 @@ def main(device: str = "cuda") -> int:
     torch.backends.cudnn.allow_tf32 = False
     spec = {"model": "2x64", "batch": 8, "seq": 64, "device": device}
     base = model_for(spec)
-    batches = [{"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-               for ids in token_batches(spec, 6)]
-    common = dict(output_dir="/tmp/gpu_smoke", per_device_train_batch_size=8, report_to=[], save_strategy="no",
-                  disable_tqdm=True, learning_rate=0.5, optim="sgd", seed=0, max_grad_norm=0.0,
-                  use_cpu=(device == "cpu"))
+    batches = lm_batches(spec, 6)
+    common = step_args("gpu_smoke", 8, device, learning_rate=0.5, optim="sgd", max_grad_norm=0.0)
     plain = Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common))
     dograph = DoGraphTrainer(model=copy.deepcopy(base), args=DoGraphConfig(**common, domain_warmup_samples=24))
     for t in (plain, dograph):
         t.model.to(device)
-        t.create_optimizer_and_scheduler(num_training_steps=10)
-        t.current_gradient_accumulation_steps = 1
+    prepare_for_steps((plain, dograph), 10)
 
     def step(t, b):
         loss = t.training_step(t.model, {k: v.to(device) for k, v in b.items()})
