@@ -73,8 +73,9 @@ class PhaseTimer:
 def kept_memory(engine) -> dict[str, dict[str, float]]:
     """MB of what the factored engine keeps between its backward and the weighted gradient, per layer kind:
     output gradients δ (autograd would have freed them layer by layer: DoGraph's extra memory), inputs a (saved
-    by autograd for the plain backward anyway; kept a little longer) and the exact per-sample gradients of small
-    parameters (B × numel)."""
+    by autograd for the plain backward anyway; kept a little longer), and per-sample gradients (B × numel): of
+    small parameters, and of the weights whose micro-batch formed them instead of keeping δ and a
+    (`LinearHandler.forms_per_sample`)."""
     out: dict[str, dict[str, float]] = {}
     seen: set[int] = set()
 
@@ -83,7 +84,7 @@ def kept_memory(engine) -> dict[str, dict[str, float]]:
             return
         seen.add(t.untyped_storage().data_ptr())
         row = out.setdefault(kind, {"output gradients δ": 0.0, "inputs a": 0.0, "calls": 0})
-        row[what] += t.untyped_storage().nbytes() / 2**20
+        row[what] = row.get(what, 0.0) + t.untyped_storage().nbytes() / 2**20
 
     for h in getattr(engine, "handlers", []):
         kind = getattr(h, "kind", "layer")
@@ -96,7 +97,9 @@ def kept_memory(engine) -> dict[str, dict[str, float]]:
                 for x in items:
                     if x is None or not hasattr(x, "untyped_storage"):
                         continue
-                    add(kind, "output gradients δ" if key.startswith("delta") else "inputs a", x)
+                    what = ("output gradients δ" if key.startswith("delta") else
+                            "per-sample gradients" if key == "per_sample" else "inputs a")
+                    add(kind, what, x)
     exact = getattr(engine, "_exact", {}) or {}
     if exact:
         out["small parameters (exact per sample)"] = {

@@ -7,7 +7,9 @@ Per layer type (see `layers/`):
   projections of the output gradients δ and inputs a (for embeddings, a column of P_r per token id):
   METHOD.md's factored sketch. Autograd never computes dW either: the backward returns the input gradient
   only and keeps δ and a, and `accumulate_weighted_gradient` forms dW = δᵀ(α ⊙ a) once α is known — the
-  same single matmul the plain backward would have done. One forward, one backward.
+  same single matmul the plain backward would have done. One forward, one backward. A linear layer that is
+  narrow for its samples' length (rows·cols ≤ T·(rows + cols)) forms G_i instead, in one batched matmul of the
+  same cost, and takes both the sketch P_r G_i P_cᵀ and the weighted sum from it (`layers/linear.py`).
 * **small parameters** (biases, LayerNorm/RMSNorm weights, any layer without a handler): exact per-sample
   gradients (B × numel), closed form where known, `torch.func` otherwise (the reference path).
 
@@ -59,9 +61,9 @@ _STREAM_OFFSET = 1 << 20  # keeps this engine's random streams apart from the re
 
 @contextlib.contextmanager
 def _intra_op_threads(n: int | None):
-    """Temporarily limit torch's intra-op CPU threads to n (None: leave them alone)."""
+    """Temporarily set torch's intra-op CPU threads to n (None: leave them alone)."""
     old = torch.get_num_threads()
-    if not n or n >= old:
+    if not n or n == old:
         yield
         return
     torch.set_num_threads(n)
@@ -89,7 +91,8 @@ class FactoredEngine(GradEngine):
             with 1; idle machine, B = 32: 0.28 s with 2, 0.54 s with 1. The value is fixed for the run — never
             switched with the machine's load, which could make results depend on it (an op split across a
             different number of threads may round differently). The weighted gradient's matmuls (big, like the
-            plain dW) always keep torch's setting. No effect on GPU.
+            plain dW) and a narrow layer's formed per-sample gradients always keep torch's setting. No effect on
+            GPU.
     """
 
     name = "factored"
@@ -108,6 +111,7 @@ class FactoredEngine(GradEngine):
         refuse_stateful_layers(model)
         self.factor_dim = int(factor_dim)
         self.cpu_sketch_threads = cpu_sketch_threads
+        self._outer_threads: int | None = None  # torch's thread setting outside small_ops (see dense_ops)
         self.recording = False  # inside capturing(): patched layers record
         self.replaying = False  # re-running modules for exact per-sample grads: nobody records
         self._index = {id(p): i for i, (_, p) in enumerate(self.params)}
@@ -202,9 +206,22 @@ class FactoredEngine(GradEngine):
     def slot(self, param: nn.Parameter) -> WeightSlot:
         return self.slots[id(param)]
 
+    @contextlib.contextmanager
     def small_ops(self, device: torch.device):
         """Context for the engine's small, memory-bound ops (projections, scalings): see `cpu_sketch_threads`."""
-        return _intra_op_threads(self.cpu_sketch_threads if device.type == "cpu" else None)
+        limit = self.cpu_sketch_threads if device.type == "cpu" else None
+        outer = self._outer_threads
+        if outer is None:  # not nested: remember torch's setting for dense_ops
+            self._outer_threads = torch.get_num_threads()
+        try:
+            with _intra_op_threads(min(limit, self._outer_threads) if limit else None):
+                yield
+        finally:
+            self._outer_threads = outer
+
+    def dense_ops(self, device: torch.device):
+        """Context for a dW-sized matmul inside `small_ops` (a formed per-sample gradient): torch's own setting."""
+        return _intra_op_threads(self._outer_threads if device.type == "cpu" else None)
 
     def describe(self) -> dict:
         """Which parameters take which path (for logs, tests and the benchmark)."""

@@ -146,6 +146,12 @@ class SampleLayout:
         out = flat.index_select(0, index.flatten()).view(s, length, x.shape[-1])
         return out.masked_fill(~mask.unsqueeze(-1), 0)
 
+    def padded_length(self) -> int:
+        """L, the token count per sample of `padded` (the longest sample; a segment layout only)."""
+        if self.is_rows:
+            raise ValueError("a rows layout does not know its token count")
+        return int(self._index()[0].shape[1])
+
     def sum_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """(B, tokens, F) → (S, F): the sum over each sample's tokens (a fixed order: deterministic)."""
         if self.is_rows:

@@ -103,6 +103,17 @@ class WeightSlot:
         p = self.projection(axis, x.device, x.dtype)
         return x if p is None else x @ p
 
+    def sketch(self, g: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradients g (S, rows, cols) → their sketches P_r g P_cᵀ (S, f_r, f_c), in g's dtype. The
+        longer axis is projected first: the second product then runs over the shorter one."""
+        p_rows = self.projection(0, g.device, g.dtype)
+        p_cols = self.projection(1, g.device, g.dtype)
+        if p_cols is not None and (p_rows is None or self.cols >= self.rows):
+            g = g @ p_cols
+            return g if p_rows is None else (g.transpose(1, 2) @ p_rows).transpose(1, 2)
+        g = g if p_rows is None else (g.transpose(1, 2) @ p_rows).transpose(1, 2)
+        return g if p_cols is None else g @ p_cols
+
 
 class SketchSink:
     """Where handlers put per-sample sketch material during `collect` (one micro-batch)."""
@@ -146,6 +157,9 @@ class HandlerEngine(Protocol):
 
     def small_ops(self, device: torch.device) -> AbstractContextManager:
         """Where a handler runs its small per-sample operations on `device`."""
+
+    def dense_ops(self, device: torch.device) -> AbstractContextManager:
+        """Where a handler runs a matmul as large as the plain dW, even inside `small_ops`."""
 
     def add_grad(self, param: nn.Parameter, contrib: torch.Tensor) -> None:
         """`param.grad += contrib`, the whole gradient of `param` (the engine knows where a sharded one goes)."""

@@ -10,6 +10,10 @@ layer's backward). The backward keeps δ (the gradient at the output) and the sa
 * weighted: dW += Σ_s c_s Σ_{t∈s} δ_t a_tᵀ = δᵀ (c ⊙ a)  — one matmul, the same cost as the dW that
   the plain backward would have computed (c per token: its sample's coefficient).
 
+A narrow layer over long samples (out·in ≤ T·(out + in), e.g. every layer of GPT-2 2×64 at T = 128) instead
+forms G_s = Σ_{t∈s} δ_t a_tᵀ for all samples in one batched matmul, sketches it as P_o G_s P_nᵀ (the same S_s)
+and forms dW += Σ_s c_s G_s from it: fewer flops and less memory there (`LinearHandler.forms_per_sample`).
+
 t ∈ s: the tokens of sample s — a row of the batch, or a packed segment (`SampleLayout`).
 """
 
@@ -121,25 +125,52 @@ class LinearHandler(DeferredHandler):
         a = layout.token_view(a, self.in_features, what) if a is not None else None
         return d, a
 
+    def forms_per_sample(self, tokens: int) -> bool:
+        """Whether this micro-batch forms each sample's weight gradient G_s (rows × cols) outright rather than
+        sketching it from its tokens' projections, given `tokens` per sample (T, or the longest packed segment).
+
+        Both give the same sketch P_r G_s P_cᵀ and the same weighted gradient (up to float rounding), so the
+        choice is free per micro-batch; it is the cheaper one. Formed: a batched matmul with the plain dW's
+        flops, then ≈ 2·S·rows·cols·f to sketch and one pass for the weighted sum; G (S × rows × cols) replaces
+        δ and a (S × T × (rows + cols)) in memory. Token path: ≈ 2·S·T·(rows + cols)·f for the projections, and
+        the weighted sum's matmul (the dW's flops) later. So forming costs less, in flops and in memory, exactly
+        when rows·cols ≤ T·(rows + cols): small widths (GPT-2 2×64 at T = 128), not GPT-2 small's 768 × 3072."""
+        rows, cols = self.weight.shape
+        return rows * cols <= tokens * (rows + cols)
+
     def collect(self, sink: SketchSink) -> None:
         layout = sink.layout
         for rec in self.done_records():
             d, a = self._rows(rec, layout)
-            if self.weight is not None:
-                slot = self.engine.slot(self.weight)
-                # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
-                left, right = (a, d) if self.transposed else (d, a)
-                # Project first (f columns), then gather each sample's tokens: the copy is f wide.
-                u = layout.padded(slot.project(left, 0).float())
-                v = layout.padded(slot.project(right.to(left.dtype), 1).float())
-                sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
             if self.bias is not None:
                 sink.add_exact(self.bias, layout.sum_tokens(d.float()))
+            if self.weight is None:
+                continue
+            slot = self.engine.slot(self.weight)
+            # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
+            left, right = (a, d) if self.transposed else (d, a)
+            right = right.to(left.dtype)
+            if self.forms_per_sample(d.shape[1] if layout.is_rows else layout.padded_length()):
+                # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once (one batched matmul: the plain dW's
+                # flops); its sketch P_r G_s P_cᵀ is the token path's below; G is kept for the weighted sum.
+                with self.engine.dense_ops(d.device):
+                    g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right)).float()
+                sink.add_factored(self.weight, slot.sketch(g))
+                rec.tensors = {"per_sample": g}
+                continue
+            # Project first (f columns), then gather each sample's tokens: the copy is f wide.
+            u = layout.padded(slot.project(left, 0).float())
+            v = layout.padded(slot.project(right, 1).float())
+            sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
 
     def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None, layout) -> None:
         if self.weight is None:
             return
         for rec in self.done_records():
+            per_sample = rec.tensors.get("per_sample")
+            if per_sample is not None:
+                self._accumulate_formed(per_sample, coef, bad)
+                continue
             d, a = self._rows(rec, layout)
             with self.engine.small_ops(d.device):
                 a = a.to(d.dtype)
@@ -157,3 +188,15 @@ class LinearHandler(DeferredHandler):
                 g.addmm_(left, right)  # in place: no (out × in) temporary
             else:
                 self.engine.add_grad(self.weight, left @ right)
+
+    def _accumulate_formed(self, per_sample: torch.Tensor, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
+        """weight.grad += Σ_s coef_s G_s from the per-sample gradients formed in `collect` (S, rows, cols)."""
+        flat = per_sample.reshape(per_sample.shape[0], -1)
+        if bad is not None:  # a left-out sample may hold inf/NaN: exact zeros (0 · NaN would be NaN)
+            flat = flat.masked_fill(bad.unsqueeze(1), 0)
+        coef = coef.to(flat.dtype)
+        g = self.engine.grad_target(self.weight)
+        if g is not None and g.dtype == flat.dtype and g.is_contiguous():
+            g.view(-1).addmv_(flat.T, coef)  # in place: no (rows × cols) temporary
+        else:
+            self.engine.add_grad(self.weight, (coef @ flat).view(self.weight.shape))

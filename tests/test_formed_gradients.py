@@ -1,0 +1,179 @@
+"""Linear layers that form per-sample weight gradients (`LinearHandler.forms_per_sample`).
+
+A narrow layer over long samples forms G_s = Σ_{t∈s} δ_t a_tᵀ in one batched matmul and takes its sketch
+(P_r G_s P_cᵀ) and its share of the weighted gradient (Σ_s c_s G_s) from it; a wide one sketches from the
+tokens' projections and forms δᵀ(c ⊙ a) later. The choice is made per micro-batch on cost alone, so it must
+change nothing but float rounding. Checked here with each path forced, against each other and autograd:
+
+1. sketches equal (1e-5 relative) and weighted gradients equal to autograd's ∇ Σ α_s ℓ_s (1e-5), on GPT-2
+   (Conv1D, tied head) and LLaMA (Linear), rows and packed segments, with a left-out sample and a scale;
+2. a left-out sample holding NaN contributes exact zeros on the formed path;
+3. bf16 autocast: no less accurate than autograd's own bf16 gradient;
+4. the rule: forms exactly when rows·cols ≤ T·(rows + cols);
+5. the formed matmul keeps torch's thread setting under `cpu_sketch_threads` (it is dW-sized).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hf_dograph.sketch import SampleLayout
+from hf_dograph.sketch.factored import FactoredEngine
+from hf_dograph.sketch.layers.base import WeightSlot
+from hf_dograph.sketch.layers.linear import LinearHandler
+
+from helpers_engines import assert_grads_close, autograd_grads, packed_batch, run_engine, segment_losses
+from helpers_models import VOCAB, gpt2, llama, lm_batch, per_sample_losses, relative_error, trainable, \
+    weighted_autograd_gradient
+
+
+@pytest.fixture
+def force_path(monkeypatch):
+    """force_path(True/False): every linear layer forms per-sample gradients / takes the token path; returns a
+    counter of the formed weighted sums (to see that the forced path really ran)."""
+    formed = {"calls": 0}
+    original = LinearHandler._accumulate_formed
+
+    def counting(self, *a, **k):
+        formed["calls"] += 1
+        return original(self, *a, **k)
+
+    def force(value: bool):
+        monkeypatch.setattr(LinearHandler, "forms_per_sample", lambda self, tokens: value)
+        monkeypatch.setattr(LinearHandler, "_accumulate_formed", counting)
+        formed["calls"] = 0
+        return formed
+
+    return force
+
+
+def _rows_losses(batch):
+    return lambda model: per_sample_losses(model, batch)
+
+
+def _packed():
+    g = torch.Generator().manual_seed(3)
+    seqs = [[torch.randint(1, VOCAB, (n,), generator=g) for n in row] for row in ([7, 5, 9], [6, 8])]
+    packed = packed_batch(seqs, pad_to=22)  # the second row ends in a padding run (no sample)
+
+    def losses(model):
+        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
+        return segment_losses(out.logits, packed["labels"], packed["segment_ids"])
+
+    return losses, SampleLayout.segments(packed["segment_ids"])
+
+
+@pytest.mark.parametrize("model_name", ["gpt2", "llama"])
+@pytest.mark.parametrize("layout_name", ["rows", "packed"])
+def test_formed_and_token_paths_give_the_same_sketch_and_gradient(force_path, model_name, layout_name):
+    # widths 64 and up: every weight has both axes projected (f = 32), the sketch's two orders both run
+    build = {"gpt2": lambda: gpt2(n_embd=64), "llama": lambda: llama(hidden=64, intermediate=128)}[model_name]
+    if layout_name == "rows":
+        losses, layout = _rows_losses(lm_batch()), None
+        s = 8
+    else:
+        losses, layout = _packed()
+        s = layout.num_samples
+    alpha = torch.linspace(0.05, 0.3, s, dtype=torch.float64)
+    alpha[1] = 0.0  # a left-out sample
+    runs = {}
+    for formed in (True, False):
+        counter = force_path(formed)
+        runs[formed] = run_engine("factored", build(), losses, alpha, layout=layout, scale=0.5)
+        assert (counter["calls"] > 0) == formed  # the forced path is the one that ran
+    expected = {n: 0.5 * g for n, g in autograd_grads(build(), losses, alpha).items()}
+    for formed, run in runs.items():
+        err = assert_grads_close(run.grads, expected)
+        print(f"{model_name} {layout_name} formed={formed}: weighted gradient vs autograd {err:.1e}")
+    z_err = float((runs[True].sketches - runs[False].sketches).norm() / runs[False].sketches.norm())
+    print(f"{model_name} {layout_name}: formed vs token-path sketches, relative difference {z_err:.1e}")
+    assert z_err < 1e-5, z_err
+    assert runs[True].finite.all() and runs[False].finite.all()
+
+
+def test_left_out_nan_sample_contributes_zeros_on_the_formed_path(force_path):
+    counter = force_path(True)
+    model = gpt2()
+    clean = copy.deepcopy(model)
+
+    def poison(module, inputs, output):  # sample 0's hidden states become NaN after the first block
+        output = (output[0].clone(),) + tuple(output[1:]) if isinstance(output, tuple) else output.clone()
+        (output[0] if isinstance(output, tuple) else output)[0] = float("nan")
+        return output
+
+    model.transformer.h[0].register_forward_hook(poison)
+    batch = lm_batch()
+    eng = FactoredEngine(model, projection_dim=64, seed=0)
+    with eng.capturing():
+        eng.backward(per_sample_losses(model, batch))
+    assert eng.finite_samples().tolist() == [False] + [True] * 7
+    alpha = torch.full((8,), 1 / 7, dtype=torch.float64)
+    alpha[0] = 0
+    eng.accumulate_weighted_gradient(alpha)
+    assert counter["calls"] > 0
+    applied = {n: p.grad.detach().clone() for n, p in trainable(model)}
+    assert all(torch.isfinite(g).all() for g in applied.values())
+    assert_grads_close(applied, weighted_autograd_gradient(clean, batch, alpha))
+
+
+def test_formed_path_under_bf16_autocast_is_as_accurate_as_plain_autocast(force_path):
+    counter = force_path(True)
+    batch = lm_batch()
+    alpha = torch.linspace(0.05, 0.2, 8, dtype=torch.float64)
+    exact = weighted_autograd_gradient(gpt2(), batch, alpha)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain_bf16 = weighted_autograd_gradient(gpt2(), batch, alpha)
+        ours = run_engine("factored", gpt2(), _rows_losses(batch), alpha).grads
+    assert counter["calls"] > 0
+    assert all(g.dtype == torch.float32 for g in ours.values())
+    err_plain, err_ours = relative_error(plain_bf16, exact), relative_error(ours, exact)
+    print(f"bf16: formed path {err_ours:.2e}, autograd's own {err_plain:.2e}")
+    assert err_ours < 2 * err_plain + 1e-3, (err_ours, err_plain)
+
+
+@pytest.mark.parametrize("out_features,in_features,tokens,forms", [
+    (64, 64, 128, True),      # GPT-2 2×64 at T = 128: 4096 ≤ 16384
+    (256, 64, 128, True),     # its MLP
+    (64, 64, 16, False),      # the same layer on short samples: 4096 > 2048
+    (64, 64, 32, True),       # the boundary: 4096 = 32 · 128
+    (768, 768, 512, True),    # GPT-2 small's attention projection at T = 512
+    (3072, 768, 512, False),  # GPT-2 small's MLP at T = 512: 2.36M > 1.97M
+])
+def test_forms_exactly_when_the_gradient_is_no_larger_than_the_tokens_features(out_features, in_features, tokens,
+                                                                             forms):
+    model = nn.Sequential(nn.Linear(in_features, out_features))
+    handler = next(h for h in FactoredEngine(model, projection_dim=16, seed=0).handlers
+                   if isinstance(h, LinearHandler))
+    assert handler.forms_per_sample(tokens) is forms
+
+
+def test_formed_matmul_keeps_torch_threads_under_cpu_sketch_threads(force_path, monkeypatch):
+    force_path(True)
+    seen = {"formed matmul": set(), "sketch of G": set()}
+    dense_ops, sketch = FactoredEngine.dense_ops, WeightSlot.sketch
+
+    @contextlib.contextmanager
+    def spy_dense(self, device):
+        with dense_ops(self, device):
+            seen["formed matmul"].add(torch.get_num_threads())
+            yield
+
+    def spy_sketch(self, g):
+        seen["sketch of G"].add(torch.get_num_threads())
+        return sketch(self, g)
+
+    monkeypatch.setattr(FactoredEngine, "dense_ops", spy_dense)
+    monkeypatch.setattr(WeightSlot, "sketch", spy_sketch)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        run_engine("factored", gpt2(), _rows_losses(lm_batch()), torch.full((8,), 0.125), cpu_sketch_threads=1)
+        assert torch.get_num_threads() == 2  # restored after the engine's small ops
+    finally:
+        torch.set_num_threads(old)
+    assert seen == {"formed matmul": {2}, "sketch of G": {1}}, seen
