@@ -5,9 +5,10 @@ synchronization around each, so that the time lands in the phase that queued the
 
   forward            the model's forward and the per-sample split of the Trainer's loss
   backward           autograd's backward (input gradients; weight gradients deferred)
-  sketch             the per-sample sketches from the kept activations and output gradients
+  sketch             the per-sample sketches from the kept activations and output gradients (narrow layers:
+                     their per-sample gradients G, formed here with the dW's flops, then sketched)
   weights            each sample's domain and weight (nearest centroid, lookup)
-  weighted gradient  dW = δᵀ(α ⊙ a) per layer and the small parameters' Σ α g
+  weighted gradient  dW = δᵀ(α ⊙ a) per layer (Σ α G where G was formed) and the small parameters' Σ α g
   domain update      end of the optimizer step: the window, refits (amortized), statistics, weights
   optimizer          clipping, optimizer and scheduler step, zero_grad (as the Trainer does)
   other              what remains of the step (logging bookkeeping, ...)

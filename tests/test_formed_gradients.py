@@ -9,7 +9,7 @@ change nothing but float rounding. Checked here with each path forced, against e
    (Conv1D, tied head) and LLaMA (Linear), rows and packed segments, with a left-out sample and a scale;
 2. a left-out sample holding NaN contributes exact zeros on the formed path;
 3. bf16 autocast: no less accurate than autograd's own bf16 gradient;
-4. the rule: forms exactly when rows·cols ≤ T·(rows + cols);
+4. the rule: forms exactly when rows·cols ≤ form_below · T·(rows + cols) (default 1/2; 0 never, inf always);
 5. the formed matmul keeps torch's thread setting under `cpu_sketch_threads` (it is dW-sized).
 """
 
@@ -32,10 +32,12 @@ from helpers_models import VOCAB, gpt2, llama, lm_batch, per_sample_losses, rela
     weighted_autograd_gradient
 
 
+ALWAYS, NEVER = float("inf"), 0.0  # form_below settings that force each path
+
+
 @pytest.fixture
-def force_path(monkeypatch):
-    """force_path(True/False): every linear layer forms per-sample gradients / takes the token path; returns a
-    counter of the formed weighted sums (to see that the forced path really ran)."""
+def formed_sums(monkeypatch):
+    """Counts the weighted sums taken from formed per-sample gradients (to see which path really ran)."""
     formed = {"calls": 0}
     original = LinearHandler._accumulate_formed
 
@@ -43,13 +45,8 @@ def force_path(monkeypatch):
         formed["calls"] += 1
         return original(self, *a, **k)
 
-    def force(value: bool):
-        monkeypatch.setattr(LinearHandler, "forms_per_sample", lambda self, tokens: value)
-        monkeypatch.setattr(LinearHandler, "_accumulate_formed", counting)
-        formed["calls"] = 0
-        return formed
-
-    return force
+    monkeypatch.setattr(LinearHandler, "_accumulate_formed", counting)
+    return formed
 
 
 def _rows_losses(batch):
@@ -70,7 +67,7 @@ def _packed():
 
 @pytest.mark.parametrize("model_name", ["gpt2", "llama"])
 @pytest.mark.parametrize("layout_name", ["rows", "packed"])
-def test_formed_and_token_paths_give_the_same_sketch_and_gradient(force_path, model_name, layout_name):
+def test_formed_and_token_paths_give_the_same_sketch_and_gradient(formed_sums, model_name, layout_name):
     # widths 64 and up: every weight has both axes projected (f = 32), the sketch's two orders both run
     build = {"gpt2": lambda: gpt2(n_embd=64), "llama": lambda: llama(hidden=64, intermediate=128)}[model_name]
     if layout_name == "rows":
@@ -83,9 +80,10 @@ def test_formed_and_token_paths_give_the_same_sketch_and_gradient(force_path, mo
     alpha[1] = 0.0  # a left-out sample
     runs = {}
     for formed in (True, False):
-        counter = force_path(formed)
-        runs[formed] = run_engine("factored", build(), losses, alpha, layout=layout, scale=0.5)
-        assert (counter["calls"] > 0) == formed  # the forced path is the one that ran
+        formed_sums["calls"] = 0
+        runs[formed] = run_engine("factored", build(), losses, alpha, layout=layout, scale=0.5,
+                                  form_below=ALWAYS if formed else NEVER)
+        assert (formed_sums["calls"] > 0) == formed  # the forced path is the one that ran
     expected = {n: 0.5 * g for n, g in autograd_grads(build(), losses, alpha).items()}
     for formed, run in runs.items():
         err = assert_grads_close(run.grads, expected)
@@ -96,8 +94,7 @@ def test_formed_and_token_paths_give_the_same_sketch_and_gradient(force_path, mo
     assert runs[True].finite.all() and runs[False].finite.all()
 
 
-def test_left_out_nan_sample_contributes_zeros_on_the_formed_path(force_path):
-    counter = force_path(True)
+def test_left_out_nan_sample_contributes_zeros_on_the_formed_path(formed_sums):
     model = gpt2()
     clean = copy.deepcopy(model)
 
@@ -108,28 +105,27 @@ def test_left_out_nan_sample_contributes_zeros_on_the_formed_path(force_path):
 
     model.transformer.h[0].register_forward_hook(poison)
     batch = lm_batch()
-    eng = FactoredEngine(model, projection_dim=64, seed=0)
+    eng = FactoredEngine(model, projection_dim=64, seed=0, form_below=ALWAYS)
     with eng.capturing():
         eng.backward(per_sample_losses(model, batch))
     assert eng.finite_samples().tolist() == [False] + [True] * 7
     alpha = torch.full((8,), 1 / 7, dtype=torch.float64)
     alpha[0] = 0
     eng.accumulate_weighted_gradient(alpha)
-    assert counter["calls"] > 0
+    assert formed_sums["calls"] > 0
     applied = {n: p.grad.detach().clone() for n, p in trainable(model)}
     assert all(torch.isfinite(g).all() for g in applied.values())
     assert_grads_close(applied, weighted_autograd_gradient(clean, batch, alpha))
 
 
-def test_formed_path_under_bf16_autocast_is_as_accurate_as_plain_autocast(force_path):
-    counter = force_path(True)
+def test_formed_path_under_bf16_autocast_is_as_accurate_as_plain_autocast(formed_sums):
     batch = lm_batch()
     alpha = torch.linspace(0.05, 0.2, 8, dtype=torch.float64)
     exact = weighted_autograd_gradient(gpt2(), batch, alpha)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain_bf16 = weighted_autograd_gradient(gpt2(), batch, alpha)
-        ours = run_engine("factored", gpt2(), _rows_losses(batch), alpha).grads
-    assert counter["calls"] > 0
+        ours = run_engine("factored", gpt2(), _rows_losses(batch), alpha, form_below=ALWAYS).grads
+    assert formed_sums["calls"] > 0
     assert all(g.dtype == torch.float32 for g in ours.values())
     err_plain, err_ours = relative_error(plain_bf16, exact), relative_error(ours, exact)
     print(f"bf16: formed path {err_ours:.2e}, autograd's own {err_plain:.2e}")
@@ -137,23 +133,32 @@ def test_formed_path_under_bf16_autocast_is_as_accurate_as_plain_autocast(force_
 
 
 @pytest.mark.parametrize("out_features,in_features,tokens,forms", [
-    (64, 64, 128, True),      # GPT-2 2×64 at T = 128: 4096 ≤ 16384
-    (256, 64, 128, True),     # its MLP
-    (64, 64, 16, False),      # the same layer on short samples: 4096 > 2048
-    (64, 64, 32, True),       # the boundary: 4096 = 32 · 128
-    (768, 768, 512, True),    # GPT-2 small's attention projection at T = 512
-    (3072, 768, 512, False),  # GPT-2 small's MLP at T = 512: 2.36M > 1.97M
+    (64, 64, 128, True),      # GPT-2 2×64 at T = 128: 2 · 4096 ≤ 128 · 128
+    (256, 64, 128, True),     # its MLP: 32768 ≤ 40960
+    (64, 64, 16, False),      # the same layer on short samples: 8192 > 2048
+    (64, 64, 64, True),       # the boundary: 8192 = 64 · 128
+    (64, 64, 63, False),
+    (768, 768, 512, False),   # GPT-2 small at T = 512: 1.18M > 786k
+    (768, 768, 1024, True),   # ... at T = 1024
 ])
-def test_forms_exactly_when_the_gradient_is_no_larger_than_the_tokens_features(out_features, in_features, tokens,
-                                                                             forms):
-    model = nn.Sequential(nn.Linear(in_features, out_features))
-    handler = next(h for h in FactoredEngine(model, projection_dim=16, seed=0).handlers
-                   if isinstance(h, LinearHandler))
-    assert handler.forms_per_sample(tokens) is forms
+def test_forms_exactly_when_the_gradient_is_at_most_half_the_tokens_features(out_features, in_features, tokens,
+                                                                            forms):
+    def handler(**engine_kw):
+        model = nn.Sequential(nn.Linear(in_features, out_features))
+        return next(h for h in FactoredEngine(model, projection_dim=16, seed=0, **engine_kw).handlers
+                    if isinstance(h, LinearHandler))
+
+    assert handler().forms_per_sample(tokens) is forms  # the default, form_below = 1/2
+    assert handler(form_below=ALWAYS).forms_per_sample(tokens) and not handler(form_below=NEVER).forms_per_sample(tokens)
 
 
-def test_formed_matmul_keeps_torch_threads_under_cpu_sketch_threads(force_path, monkeypatch):
-    force_path(True)
+@pytest.mark.parametrize("bad", [-1, "half", True, float("nan")])
+def test_form_below_must_be_a_number_at_least_zero(bad):
+    with pytest.raises(ValueError, match="form_below"):
+        FactoredEngine(nn.Sequential(nn.Linear(4, 4)), projection_dim=4, seed=0, form_below=bad)
+
+
+def test_formed_matmul_keeps_torch_threads_under_cpu_sketch_threads(monkeypatch):
     seen = {"formed matmul": set(), "sketch of G": set()}
     dense_ops, sketch = FactoredEngine.dense_ops, WeightSlot.sketch
 
@@ -172,7 +177,8 @@ def test_formed_matmul_keeps_torch_threads_under_cpu_sketch_threads(force_path, 
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        run_engine("factored", gpt2(), _rows_losses(lm_batch()), torch.full((8,), 0.125), cpu_sketch_threads=1)
+        run_engine("factored", gpt2(), _rows_losses(lm_batch()), torch.full((8,), 0.125), cpu_sketch_threads=1,
+                   form_below=ALWAYS)
         assert torch.get_num_threads() == 2  # restored after the engine's small ops
     finally:
         torch.set_num_threads(old)

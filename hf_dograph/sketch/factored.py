@@ -8,7 +8,7 @@ Per layer type (see `layers/`):
   METHOD.md's factored sketch. Autograd never computes dW either: the backward returns the input gradient
   only and keeps δ and a, and `accumulate_weighted_gradient` forms dW = δᵀ(α ⊙ a) once α is known — the
   same single matmul the plain backward would have done. One forward, one backward. A linear layer that is
-  narrow for its samples' length (rows·cols ≤ T·(rows + cols)) forms G_i instead, in one batched matmul of the
+  narrow for its samples' length (2·rows·cols ≤ T·(rows + cols)) forms G_i instead, in one batched matmul of the
   same cost, and takes both the sketch P_r G_i P_cᵀ and the weighted sum from it (`layers/linear.py`).
 * **small parameters** (biases, LayerNorm/RMSNorm weights, any layer without a handler): exact per-sample
   gradients (B × numel), closed form where known, `torch.func` otherwise (the reference path).
@@ -56,6 +56,7 @@ from .projection import _block_seed
 logger = logging.getLogger(__name__)
 
 DEFAULT_FACTOR_DIM = 32
+DEFAULT_FORM_BELOW = 0.5
 _STREAM_OFFSET = 1 << 20  # keeps this engine's random streams apart from the reference engine's
 
 
@@ -93,12 +94,15 @@ class FactoredEngine(GradEngine):
             different number of threads may round differently). The weighted gradient's matmuls (big, like the
             plain dW) and a narrow layer's formed per-sample gradients always keep torch's setting. No effect on
             GPU.
+        form_below: a linear layer forms its per-sample weight gradients outright when rows·cols ≤ form_below ·
+            T·(rows + cols), T its samples' length (`LinearHandler.forms_per_sample`: the same sketch and
+            gradient, chosen on cost per micro-batch). 0 never forms them, float('inf') always.
     """
 
     name = "factored"
 
     def __init__(self, model: nn.Module, *, projection_dim: int, seed: int, factor_dim: int = DEFAULT_FACTOR_DIM,
-                 cpu_sketch_threads: int | None = None):
+                 cpu_sketch_threads: int | None = None, form_below: float = DEFAULT_FORM_BELOW):
         super().__init__(model, projection_dim=projection_dim, seed=seed)
         if factor_dim < 1:
             raise ValueError(f"factor_dim={factor_dim} must be >= 1")
@@ -108,8 +112,12 @@ class FactoredEngine(GradEngine):
                 f"cpu_sketch_threads={cpu_sketch_threads!r}: use None (torch's thread setting) or a fixed int >= 1. "
                 "(The former 'auto', which followed the machine's load, made results depend on that load.)"
             )
+        if isinstance(form_below, bool) or not isinstance(form_below, (int, float)) or not form_below >= 0:
+            raise ValueError(f"form_below={form_below!r} must be a number >= 0 (0: never form per-sample gradients, "
+                             "float('inf'): always)")
         refuse_stateful_layers(model)
         self.factor_dim = int(factor_dim)
+        self.form_below = float(form_below)
         self.cpu_sketch_threads = cpu_sketch_threads
         self._outer_threads: int | None = None  # torch's thread setting outside small_ops (see dense_ops)
         self.recording = False  # inside capturing(): patched layers record
@@ -251,7 +259,7 @@ class FactoredEngine(GradEngine):
             return
         _fsdp.reshard(self.model)
         self.__init__(self.model, projection_dim=self.projection_dim, seed=self.seed, factor_dim=self.factor_dim,
-                      cpu_sketch_threads=self.cpu_sketch_threads)
+                      cpu_sketch_threads=self.cpu_sketch_threads, form_below=self.form_below)
 
     @contextlib.contextmanager
     def capturing(self):

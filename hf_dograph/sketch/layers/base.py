@@ -151,6 +151,8 @@ class HandlerEngine(Protocol):
     recording: bool
     #: the engine re-runs modules (exact per-sample gradients): nobody records
     replaying: bool
+    #: linear layers form per-sample weight gradients when rows·cols ≤ form_below · T·(rows + cols)
+    form_below: float
 
     def slot(self, param: nn.Parameter) -> WeightSlot:
         """The projection pair of a 2-D weight, shared by every module that uses the weight."""

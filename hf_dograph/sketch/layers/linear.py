@@ -10,7 +10,7 @@ layer's backward). The backward keeps δ (the gradient at the output) and the sa
 * weighted: dW += Σ_s c_s Σ_{t∈s} δ_t a_tᵀ = δᵀ (c ⊙ a)  — one matmul, the same cost as the dW that
   the plain backward would have computed (c per token: its sample's coefficient).
 
-A narrow layer over long samples (out·in ≤ T·(out + in), e.g. every layer of GPT-2 2×64 at T = 128) instead
+A narrow layer over long samples (2·out·in ≤ T·(out + in), e.g. every layer of GPT-2 2×64 at T = 128) instead
 forms G_s = Σ_{t∈s} δ_t a_tᵀ for all samples in one batched matmul, sketches it as P_o G_s P_nᵀ (the same S_s)
 and forms dW += Σ_s c_s G_s from it: fewer flops and less memory there (`LinearHandler.forms_per_sample`).
 
@@ -127,16 +127,19 @@ class LinearHandler(DeferredHandler):
 
     def forms_per_sample(self, tokens: int) -> bool:
         """Whether this micro-batch forms each sample's weight gradient G_s (rows × cols) outright rather than
-        sketching it from its tokens' projections, given `tokens` per sample (T, or the longest packed segment).
+        sketching it from its tokens' projections, given `tokens` per sample (T, or the longest packed segment):
+        rows·cols ≤ `form_below` · T·(rows + cols), the engine's setting (default 1/2).
 
         Both give the same sketch P_r G_s P_cᵀ and the same weighted gradient (up to float rounding), so the
-        choice is free per micro-batch; it is the cheaper one. Formed: a batched matmul with the plain dW's
-        flops, then ≈ 2·S·rows·cols·f to sketch and one pass for the weighted sum; G (S × rows × cols) replaces
-        δ and a (S × T × (rows + cols)) in memory. Token path: ≈ 2·S·T·(rows + cols)·f for the projections, and
-        the weighted sum's matmul (the dW's flops) later. So forming costs less, in flops and in memory, exactly
-        when rows·cols ≤ T·(rows + cols): small widths (GPT-2 2×64 at T = 128), not GPT-2 small's 768 × 3072."""
+        choice is free per micro-batch and made on cost. Formed: a batched matmul with the plain dW's flops, then
+        ≈ 2·S·rows·cols·f to sketch G and one pass over it for the weighted sum; G (S × rows × cols) replaces δ
+        and a (S × T × (rows + cols)) in memory. Token path: ≈ 2·S·T·(rows + cols)·f for the projections, and the
+        weighted sum's matmul (the dW's flops) later. The flops are equal at rows·cols = T·(rows + cols), but G
+        is written once and read twice more: on CPU forming pays at half that and costs more near the
+        break-even point (`benchmarks/factor_dim_sweep.py --form-below`, BENCHMARKS.md "Step cost"). Every
+        layer of GPT-2 2×64 at T = 128 forms; GPT-2 small's 768-wide layers at T = 512 do not."""
         rows, cols = self.weight.shape
-        return rows * cols <= tokens * (rows + cols)
+        return rows * cols <= self.engine.form_below * tokens * (rows + cols)
 
     def collect(self, sink: SketchSink) -> None:
         layout = sink.layout
