@@ -72,6 +72,17 @@ def lm_batch(*, batch: int = 8, seq: int = 12, vocab: int = VOCAB, seed: int = 0
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def nan_first_sample_after_first_block(model: GPT2LMHeadModel) -> None:
+    """Make sample 0's hidden states NaN after the GPT-2's first block (a forward hook), the others untouched."""
+
+    def poison(module, inputs, output):
+        output = (output[0].clone(),) + tuple(output[1:]) if isinstance(output, tuple) else output.clone()
+        (output[0] if isinstance(output, tuple) else output)[0] = float("nan")
+        return output
+
+    model.transformer.h[0].register_forward_hook(poison)
+
+
 def model_inputs(batch: dict) -> dict:
     """The model's inputs for a batch, with position_ids expanded to (B, T) as DoGraphTrainer passes them."""
     ids = batch["input_ids"]

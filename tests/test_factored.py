@@ -32,6 +32,7 @@ from helpers_models import (
     gpt2,
     llama,
     lm_batch,
+    nan_first_sample_after_first_block,
     per_sample_losses,
     relative_error,
     trainable,
@@ -216,13 +217,7 @@ def test_bf16_autocast_weighted_gradient_is_as_accurate_as_plain_autocast():
 def test_non_finite_sample_is_flagged_and_left_out_exactly():
     model = gpt2()
     clean = copy.deepcopy(model)
-
-    def poison(module, inputs, output):  # sample 0's hidden states become NaN after the first block
-        output = (output[0].clone(),) + tuple(output[1:]) if isinstance(output, tuple) else output.clone()
-        (output[0] if isinstance(output, tuple) else output)[0] = float("nan")
-        return output
-
-    model.transformer.h[0].register_forward_hook(poison)
+    nan_first_sample_after_first_block(model)
     batch = lm_batch()
     eng = FactoredEngine(model, projection_dim=64, seed=0)
     with eng.capturing():

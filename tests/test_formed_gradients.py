@@ -28,8 +28,8 @@ from hf_dograph.sketch.layers.base import WeightSlot
 from hf_dograph.sketch.layers.linear import LinearHandler
 
 from helpers_engines import assert_grads_close, autograd_grads, packed_batch, run_engine, segment_losses
-from helpers_models import VOCAB, gpt2, llama, lm_batch, per_sample_losses, relative_error, trainable, \
-    weighted_autograd_gradient
+from helpers_models import VOCAB, gpt2, llama, lm_batch, per_sample_losses, relative_error, trainable
+from helpers_models import nan_first_sample_after_first_block, weighted_autograd_gradient
 
 
 ALWAYS, NEVER = float("inf"), 0.0  # form_below settings that force each path
@@ -97,13 +97,7 @@ def test_formed_and_token_paths_give_the_same_sketch_and_gradient(formed_sums, m
 def test_left_out_nan_sample_contributes_zeros_on_the_formed_path(formed_sums):
     model = gpt2()
     clean = copy.deepcopy(model)
-
-    def poison(module, inputs, output):  # sample 0's hidden states become NaN after the first block
-        output = (output[0].clone(),) + tuple(output[1:]) if isinstance(output, tuple) else output.clone()
-        (output[0] if isinstance(output, tuple) else output)[0] = float("nan")
-        return output
-
-    model.transformer.h[0].register_forward_hook(poison)
+    nan_first_sample_after_first_block(model)
     batch = lm_batch()
     eng = FactoredEngine(model, projection_dim=64, seed=0, form_below=ALWAYS)
     with eng.capturing():

@@ -2,14 +2,14 @@
 
 Per layer type (see `layers/`):
 
-* **linear maps** (`nn.Linear`, HF `Conv1D`) and **embeddings**: the weight's per-sample gradient
-  G_i ∈ R^{r×c} is never formed. Its sketch is S_i = P_r G_i P_cᵀ ∈ R^{f×f}, built from f-dimensional
-  projections of the output gradients δ and inputs a (for embeddings, a column of P_r per token id):
-  METHOD.md's factored sketch. Autograd never computes dW either: the backward returns the input gradient
-  only and keeps δ and a, and `accumulate_weighted_gradient` forms dW = δᵀ(α ⊙ a) once α is known — the
-  same single matmul the plain backward would have done. One forward, one backward. A linear layer that is
-  narrow for its samples' length (2·rows·cols ≤ T·(rows + cols)) forms G_i instead, in one batched matmul of the
-  same cost, and takes both the sketch P_r G_i P_cᵀ and the weighted sum from it (`layers/linear.py`).
+* **linear maps** (`nn.Linear`, HF `Conv1D`) and **embeddings**: the weight's sketch is S_i = P_r G_i P_cᵀ ∈
+  R^{f×f}, built from f-dimensional projections of the output gradients δ and inputs a (for embeddings, a
+  column of P_r per token id), without forming the per-sample gradient G_i ∈ R^{r×c}: METHOD.md's factored
+  sketch. Autograd never computes dW either: the backward returns the input gradient only and keeps δ and a,
+  and `accumulate_weighted_gradient` forms dW = δᵀ(α ⊙ a) once α is known — the same single matmul the plain
+  backward would have done. One forward, one backward. A linear layer that is narrow for its samples' length
+  (rows·cols ≤ `form_below`·T·(rows + cols), default ½) forms the G_i instead, in one batched matmul of the
+  same cost, and takes both the same S_i and the weighted sum from them (`layers/linear.py`).
 * **small parameters** (biases, LayerNorm/RMSNorm weights, any layer without a handler): exact per-sample
   gradients (B × numel), closed form where known, `torch.func` otherwise (the reference path).
 

@@ -10,7 +10,8 @@ layer's backward). The backward keeps δ (the gradient at the output) and the sa
 * weighted: dW += Σ_s c_s Σ_{t∈s} δ_t a_tᵀ = δᵀ (c ⊙ a)  — one matmul, the same cost as the dW that
   the plain backward would have computed (c per token: its sample's coefficient).
 
-A narrow layer over long samples (2·out·in ≤ T·(out + in), e.g. every layer of GPT-2 2×64 at T = 128) instead
+A narrow layer over long samples (out·in ≤ ½·T·(out + in) with the engine's default `form_below` = ½, e.g.
+every layer of GPT-2 2×64 at T = 128) instead
 forms G_s = Σ_{t∈s} δ_t a_tᵀ for all samples in one batched matmul, sketches it as P_o G_s P_nᵀ (the same S_s)
 and forms dW += Σ_s c_s G_s from it: fewer flops and less memory there (`LinearHandler.forms_per_sample`).
 
