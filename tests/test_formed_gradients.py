@@ -10,12 +10,11 @@ change nothing but float rounding. Checked here with each path forced, against e
 2. a left-out sample holding NaN contributes exact zeros on the formed path;
 3. bf16 autocast: no less accurate than autograd's own bf16 gradient;
 4. the rule: forms exactly when rows·cols ≤ form_below · T·(rows + cols) (default 1/2; 0 never, inf always);
-5. the formed matmul keeps torch's thread setting under `cpu_sketch_threads` (it is dW-sized).
+5. G is formed in the backward: δ and a are not kept, and the engine holds less than on the token path.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -24,7 +23,6 @@ from torch import nn
 
 from hf_dograph.sketch import SampleLayout
 from hf_dograph.sketch.factored import FactoredEngine
-from hf_dograph.sketch.layers.base import WeightSlot
 from hf_dograph.sketch.layers.linear import LinearHandler
 
 from helpers_engines import assert_grads_close, autograd_grads, packed_batch, run_engine, segment_losses
@@ -152,28 +150,28 @@ def test_form_below_must_be_a_number_at_least_zero(bad):
         FactoredEngine(nn.Sequential(nn.Linear(4, 4)), projection_dim=4, seed=0, form_below=bad)
 
 
-def test_formed_matmul_keeps_torch_threads_under_cpu_sketch_threads(monkeypatch):
-    seen = {"formed matmul": set(), "sketch of G": set()}
-    dense_ops, sketch = FactoredEngine.dense_ops, WeightSlot.sketch
+def _kept_after_backward(engine_kw: dict, batch: dict) -> tuple[list[set], int]:
+    """What the linear layers' records hold between the backward and the weighted gradient: their keys, and
+    the bytes of all they hold."""
+    model = gpt2()
+    eng = FactoredEngine(model, projection_dim=64, seed=0, **engine_kw)
+    with eng.capturing():
+        eng.backward(per_sample_losses(model, batch))
+    records = [r for h in eng.handlers if isinstance(h, LinearHandler) for r in h.done_records()]
+    keys = [set(r.tensors) for r in records]
+    held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for r in records
+            for t in r.tensors.values() if t is not None}
+    eng.clear()
+    return keys, sum(held.values())
 
-    @contextlib.contextmanager
-    def spy_dense(self, device):
-        with dense_ops(self, device):
-            seen["formed matmul"].add(torch.get_num_threads())
-            yield
 
-    def spy_sketch(self, g):
-        seen["sketch of G"].add(torch.get_num_threads())
-        return sketch(self, g)
-
-    monkeypatch.setattr(FactoredEngine, "dense_ops", spy_dense)
-    monkeypatch.setattr(WeightSlot, "sketch", spy_sketch)
-    old = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        run_engine("factored", gpt2(), _rows_losses(lm_batch()), torch.full((8,), 0.125), cpu_sketch_threads=1,
-                   form_below=ALWAYS)
-        assert torch.get_num_threads() == 2  # restored after the engine's small ops
-    finally:
-        torch.set_num_threads(old)
-    assert seen == {"formed matmul": {2}, "sketch of G": {1}}, seen
+def test_formed_gradients_replace_delta_and_input_from_the_backward_on():
+    """Long enough samples (T = 64 for the width-32 GPT-2): with the default form_below every linear layer
+    forms G in the backward, keeps neither δ nor a, and the engine holds less than on the token path."""
+    batch = lm_batch(seq=64)
+    formed_keys, formed_bytes = _kept_after_backward({}, batch)
+    token_keys, token_bytes = _kept_after_backward({"form_below": NEVER}, batch)
+    assert formed_keys and all(k == {"per_sample", "bias"} for k in formed_keys), formed_keys
+    assert all(k == {"delta", "input"} for k in token_keys), token_keys
+    print(f"kept by the linear layers: formed {formed_bytes / 2**10:.0f} KiB, token path {token_bytes / 2**10:.0f} KiB")
+    assert formed_bytes < 0.8 * token_bytes

@@ -62,9 +62,9 @@ _STREAM_OFFSET = 1 << 20  # keeps this engine's random streams apart from the re
 
 @contextlib.contextmanager
 def _intra_op_threads(n: int | None):
-    """Temporarily set torch's intra-op CPU threads to n (None: leave them alone)."""
+    """Temporarily limit torch's intra-op CPU threads to n (None: leave them alone)."""
     old = torch.get_num_threads()
-    if not n or n == old:
+    if not n or n >= old:
         yield
         return
     torch.set_num_threads(n)
@@ -92,8 +92,8 @@ class FactoredEngine(GradEngine):
             with 1; idle machine, B = 32: 0.28 s with 2, 0.54 s with 1. The value is fixed for the run — never
             switched with the machine's load, which could make results depend on it (an op split across a
             different number of threads may round differently). The weighted gradient's matmuls (big, like the
-            plain dW) and a narrow layer's formed per-sample gradients always keep torch's setting. No effect on
-            GPU.
+            plain dW) and a narrow layer's formed per-sample gradients (made in the backward) always keep
+            torch's setting. No effect on GPU.
         form_below: a linear layer forms its per-sample weight gradients outright when rows·cols ≤ form_below ·
             T·(rows + cols), T its samples' length (`LinearHandler.forms_per_sample`: the same sketch and
             gradient, chosen on cost per micro-batch). 0 never forms them, float('inf') always.
@@ -119,8 +119,8 @@ class FactoredEngine(GradEngine):
         self.factor_dim = int(factor_dim)
         self.form_below = float(form_below)
         self.cpu_sketch_threads = cpu_sketch_threads
-        self._outer_threads: int | None = None  # torch's thread setting outside small_ops (see dense_ops)
         self.recording = False  # inside capturing(): patched layers record
+        self.backward_layout: SampleLayout | None = None  # the samples of the backward in progress (see receive)
         self.replaying = False  # re-running modules for exact per-sample grads: nobody records
         self._index = {id(p): i for i, (_, p) in enumerate(self.params)}
         self._names = {id(p): n for n, p in self.params}
@@ -214,22 +214,9 @@ class FactoredEngine(GradEngine):
     def slot(self, param: nn.Parameter) -> WeightSlot:
         return self.slots[id(param)]
 
-    @contextlib.contextmanager
     def small_ops(self, device: torch.device):
         """Context for the engine's small, memory-bound ops (projections, scalings): see `cpu_sketch_threads`."""
-        limit = self.cpu_sketch_threads if device.type == "cpu" else None
-        outer = self._outer_threads
-        if outer is None:  # not nested: remember torch's setting for dense_ops
-            self._outer_threads = torch.get_num_threads()
-        try:
-            with _intra_op_threads(min(limit, self._outer_threads) if limit else None):
-                yield
-        finally:
-            self._outer_threads = outer
-
-    def dense_ops(self, device: torch.device):
-        """Context for a dW-sized matmul inside `small_ops` (a formed per-sample gradient): torch's own setting."""
-        return _intra_op_threads(self._outer_threads if device.type == "cpu" else None)
+        return _intra_op_threads(self.cpu_sketch_threads if device.type == "cpu" else None)
 
     def describe(self) -> dict:
         """Which parameters take which path (for logs, tests and the benchmark)."""
@@ -289,9 +276,11 @@ class FactoredEngine(GradEngine):
             # (`capturing` has just looked for FSDP2 units: without them there is nothing to switch off.)
             sharded = _fsdp.local_autograd_gradients(self.model) if self._sharded else contextlib.nullcontext({})
             with sharded as local:
+                self.backward_layout = layout
                 losses.sum().backward()
             autograd_sums = {id(p): local.get(id(p), p.grad) for _, p in self.params}
         finally:
+            self.backward_layout = None
             # Whatever autograd wrote (the unweighted Σ g_i of the exact-path parameters) is not the step's
             # gradient: put back what was there.
             for (_, p), g in zip(self.params, saved):

@@ -153,15 +153,14 @@ class HandlerEngine(Protocol):
     replaying: bool
     #: linear layers form per-sample weight gradients when rows·cols ≤ form_below · T·(rows + cols)
     form_below: float
+    #: the samples of the backward in progress (None outside one): what `receive` may already reduce to
+    backward_layout: SampleLayout | None
 
     def slot(self, param: nn.Parameter) -> WeightSlot:
         """The projection pair of a 2-D weight, shared by every module that uses the weight."""
 
     def small_ops(self, device: torch.device) -> AbstractContextManager:
         """Where a handler runs its small per-sample operations on `device`."""
-
-    def dense_ops(self, device: torch.device) -> AbstractContextManager:
-        """Where a handler runs a matmul as large as the plain dW, even inside `small_ops`."""
 
     def add_grad(self, param: nn.Parameter, contrib: torch.Tensor) -> None:
         """`param.grad += contrib`, the whole gradient of `param` (the engine knows where a sharded one goes)."""

@@ -11,9 +11,9 @@ layer's backward). The backward keeps δ (the gradient at the output) and the sa
   the plain backward would have computed (c per token: its sample's coefficient).
 
 A narrow layer over long samples (out·in ≤ ½·T·(out + in) with the engine's default `form_below` = ½, e.g.
-every layer of GPT-2 2×64 at T = 128) instead
-forms G_s = Σ_{t∈s} δ_t a_tᵀ for all samples in one batched matmul, sketches it as P_o G_s P_nᵀ (the same S_s)
-and forms dW += Σ_s c_s G_s from it: fewer flops and less memory there (`LinearHandler.forms_per_sample`).
+every layer of GPT-2 2×64 at T = 128) instead forms G_s = Σ_{t∈s} δ_t a_tᵀ for all samples in one batched
+matmul as soon as its backward has run (δ and a are then not kept), sketches it as P_o G_s P_nᵀ (the same
+S_s) and forms dW += Σ_s c_s G_s from it: fewer flops and less memory there (`LinearHandler.forms_per_sample`).
 
 t ∈ s: the tokens of sample s — a row of the batch, or a packed segment (`SampleLayout`).
 """
@@ -116,7 +116,28 @@ class LinearHandler(DeferredHandler):
         rec = CallRecord(tensors={"delta": tensors[0]}, done=True)
         if len(tensors) > 1:
             rec.tensors["input"] = tensors[1]
+        layout = self.engine.backward_layout
+        if layout is not None and self.weight is not None and "input" in rec.tensors:
+            self._form_if_narrow(rec, layout)
         self.records.append(rec)
+
+    def _form_if_narrow(self, rec: CallRecord, layout) -> None:
+        """In the backward, right after this layer's: if it is narrow for its samples (`forms_per_sample`), its
+        per-sample gradients G (S, rows, cols) and its bias's per-sample sums replace δ and a in the record, so
+        that δ and a are never kept (autograd frees a as it would for the plain step)."""
+        try:
+            d, a = self._rows(rec, layout)
+        except ValueError:
+            return  # not token-aligned: `collect` reports it, naming the layer
+        if not self.forms_per_sample(d.shape[1] if layout.is_rows else layout.padded_length()):
+            return
+        with torch.no_grad():
+            # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
+            left, right = (a, d) if self.transposed else (d, a)
+            # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once: one batched matmul, the plain dW's flops
+            g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right.to(left.dtype))).float()
+            bias = layout.sum_tokens(d.float()) if self.bias is not None else None
+        rec.tensors = {"per_sample": g, "bias": bias}
 
     # ------------------------------------------------------------------ after the backward
     def _rows(self, rec: CallRecord, layout):
@@ -132,9 +153,9 @@ class LinearHandler(DeferredHandler):
         rows·cols ≤ `form_below` · T·(rows + cols), the engine's setting (default 1/2).
 
         Both give the same sketch P_r G_s P_cᵀ and the same weighted gradient (up to float rounding), so the
-        choice is free per micro-batch and made on cost. Formed: a batched matmul with the plain dW's flops, then
-        ≈ 2·S·rows·cols·f to sketch G and one pass over it for the weighted sum; G (S × rows × cols) replaces δ
-        and a (S × T × (rows + cols)) in memory. Token path: ≈ 2·S·T·(rows + cols)·f for the projections, and the
+        choice is free per micro-batch and made on cost. Formed (in the backward): a batched matmul with the
+        plain dW's flops, then ≈ 2·S·rows·cols·f to sketch G and one pass over it for the weighted sum; G
+        (S × rows × cols) is kept instead of δ and a (S × T × (rows + cols)). Token path: ≈ 2·S·T·(rows + cols)·f for the projections, and the
         weighted sum's matmul (the dW's flops) later. The flops are equal at rows·cols = T·(rows + cols), but G
         is written once and read twice more: on CPU forming pays at half that and costs more near the
         break-even point (`benchmarks/factor_dim_sweep.py --form-below`, BENCHMARKS.md "Step cost"). Every
@@ -145,27 +166,22 @@ class LinearHandler(DeferredHandler):
     def collect(self, sink: SketchSink) -> None:
         layout = sink.layout
         for rec in self.done_records():
+            per_sample = rec.tensors.get("per_sample")
+            if per_sample is not None:  # formed in the backward: its sketch P_r G P_cᵀ is the token path's below
+                if rec.tensors["bias"] is not None:
+                    sink.add_exact(self.bias, rec.tensors["bias"])
+                sink.add_factored(self.weight, self.engine.slot(self.weight).sketch(per_sample))
+                continue
             d, a = self._rows(rec, layout)
+            if self.weight is not None:
+                slot = self.engine.slot(self.weight)
+                left, right = (a, d) if self.transposed else (d, a)
+                # Project first (f columns), then gather each sample's tokens: the copy is f wide.
+                u = layout.padded(slot.project(left, 0).float())
+                v = layout.padded(slot.project(right.to(left.dtype), 1).float())
+                sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
             if self.bias is not None:
                 sink.add_exact(self.bias, layout.sum_tokens(d.float()))
-            if self.weight is None:
-                continue
-            slot = self.engine.slot(self.weight)
-            # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
-            left, right = (a, d) if self.transposed else (d, a)
-            right = right.to(left.dtype)
-            if self.forms_per_sample(d.shape[1] if layout.is_rows else layout.padded_length()):
-                # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once (one batched matmul: the plain dW's
-                # flops); its sketch P_r G_s P_cᵀ is the token path's below; G is kept for the weighted sum.
-                with self.engine.dense_ops(d.device):
-                    g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right)).float()
-                sink.add_factored(self.weight, slot.sketch(g))
-                rec.tensors = {"per_sample": g}
-                continue
-            # Project first (f columns), then gather each sample's tokens: the copy is f wide.
-            u = layout.padded(slot.project(left, 0).float())
-            v = layout.padded(slot.project(right, 1).float())
-            sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
 
     def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None, layout) -> None:
         if self.weight is None:
