@@ -4,7 +4,8 @@ Same model (same init), same batches for every trainer. For each (model, batch s
 
 * **peak memory**: each trainer runs `train()` for one step in a fresh subprocess, its optimizer state
   allocated beforehand, so that its peak (ru_maxrss on CPU, torch.cuda.max_memory_allocated on GPU) is
-  its own and includes everything a steady-state step holds;
+  its own and includes everything a steady-state step holds; `--memory-runs` such processes per trainer
+  (3 by default, the trainers alternating), the median reported with the range;
 * **step time**: plain `Trainer` and DoGraph-factored run in one subprocess, alternating steps (order
   flipped every round) after one warm-up step each; the ratio is the median over rounds of
   t(factored)/t(plain) — on a shared machine whose load drifts, only such paired ratios are comparable.
@@ -271,13 +272,26 @@ def _spawn(spec: dict, timeout: float) -> dict:
     return out
 
 
+def _median_memory(runs: list[dict]) -> dict:
+    """One trainer's memory runs as one result: the median run's fields, with every run's memory kept."""
+    good = [r for r in runs if "error" not in r]
+    if not good:
+        return runs[0]
+    out = dict(sorted(good, key=lambda r: r.get("training_mb", r["peak_mb"]))[(len(good) - 1) // 2])
+    for key in ("training_mb", "peak_mb"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in good)
+            out[key + "_runs"] = sorted(r[key] for r in good)
+    return out
+
+
 def _fmt_table(results: list[dict], paired: list[dict], device: str) -> str:
     """Markdown table: one row per (model, B, trainer)."""
     plain = {(r["model"], r["batch"]): r for r in results if r["trainer"] == "plain" and "error" not in r}
     pair = {(r["model"], r["batch"]): r for r in paired if "error" not in r}
     mem = "peak GPU MB" if device == "cuda" else "training MB"
     head = ("| model | B | T | trainer | step s | × plain: median per step (quartiles; range; ratio of sums) | "
-            f"CPU × plain | {mem} | × plain |\n|---|---:|---:|---|---:|---:|---:|---:|---:|")
+            f"CPU × plain | {mem}: median (range) | × plain |\n|---|---:|---:|---|---:|---:|---:|---:|---:|")
     rows = [head]
     name = {"plain": "Trainer", "opacus": "DoGraph-opacus", "factored": "DoGraph-factored"}
     for r in results:
@@ -304,8 +318,10 @@ def _fmt_table(results: list[dict], paired: list[dict], device: str) -> str:
             step = f"{r['step_s']:.1f}"
             t_ratio = "—"
             c_ratio = f"{r['cpu_s'] / p['cpu_s']:.0f} (own runs)" if p else "—"
+        spread = r.get("peak_mb_runs" if device == "cuda" else "training_mb_runs", [])
+        mem_cell = f"{memory:.0f}" + (f" ({spread[0]:.0f}–{spread[-1]:.0f})" if len(spread) > 1 else "")
         rows.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {name[r['trainer']]} | {step} | {t_ratio} | "
-                    f"{c_ratio} | {memory:.0f} | {m_ratio} |")
+                    f"{c_ratio} | {mem_cell} | {m_ratio} |")
     return "\n".join(rows)
 
 
@@ -328,6 +344,8 @@ def main(argv=None) -> None:
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads in each point (0: torch's default)")
     ap.add_argument("--timeout", type=float, default=900)
+    ap.add_argument("--memory-runs", type=int, default=3,
+                    help="fresh processes per trainer for the peak memory (median; opacus runs once)")
     ap.add_argument("--json", help="also write all results to this JSON file")
     a = ap.parse_args(argv)
     if a.worker:
@@ -361,13 +379,20 @@ def main(argv=None) -> None:
         points, trainers = GRID, ["plain", "factored"]
     for model, b, seq in points:
         common["seq"] = seq
-        # Peak memory: each trainer in a fresh process, one step (optimizer state allocated beforehand).
-        for kind in trainers:
-            if kind == "opacus" and (model not in a.opacus_models.split(",") or b not in op_batches):
-                continue
-            spec = dict(common, model=model, batch=b, trainer=kind, warmup=1, steps=1)
-            results.append(_spawn(spec, a.timeout))
-            log(results[-1], kind)
+        # Peak memory: each trainer in a fresh process, one step (optimizer state allocated beforehand);
+        # --memory-runs processes per trainer, the trainers alternating, the median kept (a single peak RSS
+        # moves by ±10 MB from run to run at the smallest sizes).
+        kinds = [k for k in trainers if not (k == "opacus" and (model not in a.opacus_models.split(",")
+                                                                 or b not in op_batches))]
+        runs = {k: [] for k in kinds}
+        for i in range(a.memory_runs):
+            for kind in kinds:
+                if kind == "opacus" and i > 0:
+                    continue  # minutes per run: once is enough for its order of magnitude
+                spec = dict(common, model=model, batch=b, trainer=kind, warmup=1, steps=1)
+                runs[kind].append(_spawn(spec, a.timeout))
+                log(runs[kind][-1], kind)
+        results.extend(_median_memory(runs[k]) for k in kinds)
         # Step time: plain and factored alternating in one process.
         if "plain" in trainers and "factored" in trainers:
             spec = dict(common, model=model, batch=b, paired=True, warmup=1, steps=a.rounds)

@@ -4,9 +4,9 @@ Phases of `DoGraphTrainer.training_step` (timed by wrapping the methods that do 
 synchronization around each, so that the time lands in the phase that queued the work):
 
   forward            the model's forward and the per-sample split of the Trainer's loss
-  backward           autograd's backward (input gradients; weight gradients deferred)
-  sketch             the per-sample sketches from the kept activations and output gradients (narrow layers:
-                     their per-sample gradients G, formed here with the dW's flops, then sketched)
+  backward           autograd's backward (input gradients; weight gradients deferred; narrow layers form
+                     their per-sample gradients G here, with the dW's flops)
+  sketch             the per-sample sketches from the kept activations and output gradients (or from G)
   weights            each sample's domain and weight (nearest centroid, lookup)
   weighted gradient  dW = δᵀ(α ⊙ a) per layer (Σ α G where G was formed) and the small parameters' Σ α g
   domain update      end of the optimizer step: the window, refits (amortized), statistics, weights

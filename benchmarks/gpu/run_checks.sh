@@ -45,7 +45,7 @@ timeout 120 $PY benchmarks/gpu/smoke_uniform.py 2>&1 | tee "$OUT/smoke.txt" | ta
 
 log "step cost: 12x768, B = 16 and 48, T = 512, bf16, plain vs factored"
 timeout 300 $PY benchmarks/step_cost.py --device cuda --models 12x768 --batch-sizes 16,48 --seq 512 --bf16 \
-  --trainers plain,factored --rounds 20 --json "$OUT/step_cost_gpu.json" >"$OUT/step_cost_gpu.txt" 2>&1
+  --trainers plain,factored --rounds 20 --memory-runs 1 --json "$OUT/step_cost_gpu.json" >"$OUT/step_cost_gpu.txt" 2>&1
 log "step cost exit $? (table: step_cost_gpu.txt)"
 
 log "profile: 12x768, bf16, 40 steps"
