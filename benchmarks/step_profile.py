@@ -99,7 +99,7 @@ def kept_memory(engine) -> dict[str, dict[str, float]]:
                     if x is None or not hasattr(x, "untyped_storage"):
                         continue
                     what = ("output gradients δ" if key.startswith("delta") else
-                            "per-sample gradients" if key == "per_sample" else "inputs a")
+                            "per-sample gradients" if key in ("per_sample", "bias") else "inputs a")
                     add(kind, what, x)
     exact = getattr(engine, "_exact", {}) or {}
     if exact:
