@@ -141,7 +141,8 @@ def test_forms_exactly_when_the_gradient_is_at_most_half_the_tokens_features(out
                     if isinstance(h, LinearHandler))
 
     assert handler().forms_per_sample(tokens) is forms  # the default, form_below = 1/2
-    assert handler(form_below=ALWAYS).forms_per_sample(tokens) and not handler(form_below=NEVER).forms_per_sample(tokens)
+    assert handler(form_below=ALWAYS).forms_per_sample(tokens)
+    assert not handler(form_below=NEVER).forms_per_sample(tokens)
 
 
 @pytest.mark.parametrize("bad", [-1, "half", True, float("nan")])

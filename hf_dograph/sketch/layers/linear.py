@@ -132,8 +132,7 @@ class LinearHandler(DeferredHandler):
         if not self.forms_per_sample(d.shape[1] if layout.is_rows else layout.padded_length()):
             return
         with torch.no_grad():
-            # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
-            left, right = (a, d) if self.transposed else (d, a)
+            left, right = (a, d) if self.transposed else (d, a)  # the parameter's layout, as in `collect`
             # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once: one batched matmul, the plain dW's flops
             g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right.to(left.dtype))).float()
             bias = layout.sum_tokens(d.float()) if self.bias is not None else None
@@ -155,11 +154,12 @@ class LinearHandler(DeferredHandler):
         Both give the same sketch P_r G_s P_cᵀ and the same weighted gradient (up to float rounding), so the
         choice is free per micro-batch and made on cost. Formed (in the backward): a batched matmul with the
         plain dW's flops, then ≈ 2·S·rows·cols·f to sketch G and one pass over it for the weighted sum; G
-        (S × rows × cols) is kept instead of δ and a (S × T × (rows + cols)). Token path: ≈ 2·S·T·(rows + cols)·f for the projections, and the
-        weighted sum's matmul (the dW's flops) later. The flops are equal at rows·cols = T·(rows + cols), but G
-        is written once and read twice more: on CPU forming pays at half that and costs more near the
-        break-even point (`benchmarks/factor_dim_sweep.py --form-below`, BENCHMARKS.md "Step cost"). Every
-        layer of GPT-2 2×64 at T = 128 forms; GPT-2 small's 768-wide layers at T = 512 do not."""
+        (S × rows × cols) is kept instead of δ and a (S × T × (rows + cols)). Token path: ≈ 2·S·T·(rows + cols)·f
+        for the projections, and the weighted sum's matmul (the dW's flops) later. The flops are equal at
+        rows·cols = T·(rows + cols), but G is written once and read twice more: on CPU forming pays at half
+        that and costs more near the break-even point (`benchmarks/factor_dim_sweep.py --form-below`,
+        BENCHMARKS.md "Step cost"). Every layer of GPT-2 2×64 at T = 128 forms; GPT-2 small's 768-wide layers
+        at T = 512 do not."""
         rows, cols = self.weight.shape
         return rows * cols <= self.engine.form_below * tokens * (rows + cols)
 
@@ -175,6 +175,7 @@ class LinearHandler(DeferredHandler):
             d, a = self._rows(rec, layout)
             if self.weight is not None:
                 slot = self.engine.slot(self.weight)
+                # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
                 left, right = (a, d) if self.transposed else (d, a)
                 # Project first (f columns), then gather each sample's tokens: the copy is f wide.
                 u = layout.padded(slot.project(left, 0).float())
@@ -210,7 +211,7 @@ class LinearHandler(DeferredHandler):
                 self.engine.add_grad(self.weight, left @ right)
 
     def _accumulate_formed(self, per_sample: torch.Tensor, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
-        """weight.grad += Σ_s coef_s G_s from the per-sample gradients formed in `collect` (S, rows, cols)."""
+        """weight.grad += Σ_s coef_s G_s from the per-sample gradients formed in the backward (S, rows, cols)."""
         flat = per_sample.reshape(per_sample.shape[0], -1)
         if bad is not None:  # a left-out sample may hold inf/NaN: exact zeros (0 · NaN would be NaN)
             flat = flat.masked_fill(bad.unsqueeze(1), 0)
