@@ -19,19 +19,24 @@ from __future__ import annotations
 import torch
 
 
+def _centroid_terms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖c_j‖² (..., m), ⟨x_i, c_j⟩ (..., N, m)): the parts of ‖x_i − c_j‖² that involve the centroids."""
+    c2 = (centroids * centroids).sum(-1)
+    cross = torch.matmul(centroids, x.T).transpose(-1, -2)
+    return c2, cross
+
+
 def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """‖x_i − c_j‖² for rows x (N, k) and centroids (..., m, k) → (..., N, m), clamped at 0."""
     x2 = (x * x).sum(-1)
-    c2 = (centroids * centroids).sum(-1)
-    cross = torch.matmul(centroids, x.T).transpose(-1, -2)  # (..., N, m)
+    c2, cross = _centroid_terms(x, centroids)
     return (x2[..., :, None] - 2.0 * cross + c2[..., None, :]).clamp_(min=0.0)
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each row, (..., N): argmin_j ‖c_j‖² − 2⟨x, c_j⟩ — the squared distance
     without the row's own ‖x‖², which does not change the argmin and would cost a pass over x."""
-    c2 = (centroids * centroids).sum(-1)
-    cross = torch.matmul(centroids, x.T).transpose(-1, -2)  # (..., N, m)
+    c2, cross = _centroid_terms(x, centroids)
     return (c2[..., None, :] - 2.0 * cross).argmin(dim=-1)
 
 

@@ -48,7 +48,7 @@ from . import fsdp as _fsdp
 from .base import GradEngine, UnsupportedLayerError, register_engine, resolve_layout
 from .buffers import BufferWatch, refuse_stateful_layers
 from .layers import GenericHandler, SketchSink, WeightSlot, handler_for
-from .layers.base import add_to_grad
+from .layers.base import add_to_grad, weighted_sum
 from .layers.generic import is_norm_layer
 from .layout import SampleLayout
 from .projection import _block_seed
@@ -415,13 +415,10 @@ class FactoredEngine(GradEngine):
                     # every rank reduces every sharded small parameter (zeros if it has no samples using it)
                     sharded.append(p)
                     fulls.append(torch.zeros(p.shape, dtype=p.dtype, device=self._device) if g is None else
-                                 coef.to(g.device) @ (g if bad is None else g.masked_fill(bad[:, None], 0)))
+                                 weighted_sum(g, coef, bad))
                     continue
-                if g is None:
-                    continue
-                if bad is not None:
-                    g = g.masked_fill(bad[:, None], 0)
-                add_to_grad(p, coef.to(g.device) @ g)
+                if g is not None:
+                    add_to_grad(p, weighted_sum(g, coef, bad))
             if sharded:
                 _fsdp.all_reduce_into_grads(sharded, fulls)
         finally:

@@ -294,6 +294,14 @@ class ForwardPatch:
             self.module.__dict__.pop("forward", None)
 
 
+def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor, bad: torch.Tensor | None) -> torch.Tensor:
+    """Σ_s coef_s g_s over the rows g_s of `per_sample` (S, n) → (n,). Rows of `bad` samples (S,) bool, left out
+    and holding inf/NaN, count as exact zeros (0 · NaN would be NaN)."""
+    if bad is not None:
+        per_sample = per_sample.masked_fill(bad.to(per_sample.device).unsqueeze(1), 0)
+    return coef.to(device=per_sample.device, dtype=per_sample.dtype) @ per_sample
+
+
 def add_to_grad(param: nn.Parameter, contrib: torch.Tensor) -> None:
     contrib = contrib.reshape(param.shape).to(param.dtype)
     if param.grad is None:

@@ -31,6 +31,7 @@ from .base import (
     SketchSink,
     autocast_dtype,
     cast,
+    weighted_sum,
 )
 from .record import compiling, record
 
@@ -212,12 +213,5 @@ class LinearHandler(DeferredHandler):
 
     def _accumulate_formed(self, per_sample: torch.Tensor, coef: torch.Tensor, bad: torch.Tensor | None) -> None:
         """weight.grad += Σ_s coef_s G_s from the per-sample gradients formed in the backward (S, rows, cols)."""
-        flat = per_sample.reshape(per_sample.shape[0], -1)
-        if bad is not None:  # a left-out sample may hold inf/NaN: exact zeros (0 · NaN would be NaN)
-            flat = flat.masked_fill(bad.unsqueeze(1), 0)
-        coef = coef.to(flat.dtype)
-        g = self.engine.grad_target(self.weight)
-        if g is not None and g.dtype == flat.dtype and g.is_contiguous():
-            g.view(-1).addmv_(flat.T, coef)  # in place: no (rows × cols) temporary
-        else:
-            self.engine.add_grad(self.weight, (coef @ flat).view(self.weight.shape))
+        total = weighted_sum(per_sample.reshape(per_sample.shape[0], -1), coef, bad)
+        self.engine.add_grad(self.weight, total.view(self.weight.shape))
