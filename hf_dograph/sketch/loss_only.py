@@ -35,6 +35,12 @@ from .layout import SampleLayout
 logger = logging.getLogger(__name__)
 
 
+def _whole(flag: torch.Tensor) -> torch.Tensor:
+    """A flag computed on an FSDP2-sharded gradient (a DTensor) as a plain tensor over all its shards (a
+    collective, no host read); any other tensor as it is."""
+    return flag.full_tensor() if hasattr(flag, "full_tensor") else flag
+
+
 class LossOnlyEngine(GradEngine):
     """Per-sample losses only; `accumulate_weighted_gradient` backpropagates Σ α_i ℓ_i once.
 
@@ -83,8 +89,6 @@ class LossOnlyEngine(GradEngine):
         if self.keep_nonfinite:
             weighted.backward()  # straight into .grad: a GradScaler sees any inf/NaN and skips the step
             return
-        if not bool(torch.isfinite(losses.detach()).all()):
-            raise RuntimeError("a non-finite loss reached the loss-only backward; redo the batch per sample")
         # Back-propagate into fresh .grad tensors so that a non-finite result can be dropped without losing
         # the micro-batches accumulated before it.
         saved = [p.grad for _, p in self.params]
@@ -92,7 +96,16 @@ class LossOnlyEngine(GradEngine):
             p.grad = None
         weighted.backward()
         new = [p.grad for _, p in self.params]
-        finite = all(g is None or bool(torch.isfinite(g).all()) for g in new)
+        # One device→host read for the whole check, not one per parameter: are the losses finite (the trainer
+        # redoes a micro-batch with a non-finite loss per sample, so they must be), and is every new gradient?
+        flags = [torch.isfinite(losses.detach()).all()]
+        flags += [_whole(torch.isfinite(g).all()) for g in new if g is not None]
+        losses_finite, *grads_finite = torch.stack(flags).tolist()
+        if not losses_finite:
+            for (_, p), old in zip(self.params, saved):
+                p.grad = old
+            raise RuntimeError("a non-finite loss reached the loss-only backward; redo the batch per sample")
+        finite = all(grads_finite)
         for (_, p), old, g in zip(self.params, saved, new):
             if not finite:
                 # Zeros rather than None: every rank must all-reduce the same list of tensors.
