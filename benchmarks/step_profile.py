@@ -75,8 +75,8 @@ def kept_memory(engine) -> dict[str, dict[str, float]]:
     """MB of what the factored engine keeps between its backward and the weighted gradient, per layer kind:
     output gradients δ (autograd would have freed them layer by layer: DoGraph's extra memory), inputs a (saved
     by autograd for the plain backward anyway; kept a little longer), and per-sample gradients (B × numel): of
-    small parameters, and of the weights whose micro-batch formed them instead of keeping δ and a
-    (`LinearHandler.forms_per_sample`)."""
+    small parameters, of the weights whose micro-batch formed them instead of keeping δ and a
+    (`LinearHandler.forms_per_sample`), and LayerNorm's per-sample sums, taken in the backward."""
     out: dict[str, dict[str, float]] = {}
     seen: set[int] = set()
 
@@ -94,12 +94,12 @@ def kept_memory(engine) -> dict[str, dict[str, float]]:
         for rec in h.done_records():
             out.setdefault(kind, {"output gradients δ": 0.0, "inputs a": 0.0, "calls": 0})["calls"] += 1
             for key, t in rec.tensors.items():
-                items = t if isinstance(t, (list, tuple)) else [t]
+                items = list(t.values()) if isinstance(t, dict) else t if isinstance(t, (list, tuple)) else [t]
                 for x in items:
                     if x is None or not hasattr(x, "untyped_storage"):
                         continue
                     what = ("output gradients δ" if key.startswith("delta") else
-                            "per-sample gradients" if key in ("per_sample", "bias") else "inputs a")
+                            "per-sample gradients" if key in ("per_sample", "bias", "sums") else "inputs a")
                     add(kind, what, x)
     exact = getattr(engine, "_exact", {}) or {}
     if exact:

@@ -35,11 +35,6 @@ def _detach(x):
     return x.detach() if isinstance(x, torch.Tensor) else x
 
 
-def _store_delta(rec: CallRecord, j: int, grad: torch.Tensor) -> None:
-    rec.tensors["deltas"][j] = grad
-    rec.done = True
-
-
 def is_norm_layer(module: nn.Module) -> bool:
     """Small normalization layers, for which the exact path is the intended one (not worth a log line)."""
     return "Norm" in type(module).__name__
@@ -93,13 +88,20 @@ class TappedHandler(PatchedHandler):
         rec.tensors["deltas"] = [None] * len(outs)
         for j, t in enumerate(outs):
             if t.requires_grad:
-                t.register_hook(functools.partial(_store_delta, rec, j))
+                t.register_hook(functools.partial(self._delta_arrived, rec, j))
         self.records.append(rec)
         return out
 
+    def _delta_arrived(self, rec: CallRecord, j: int, grad: torch.Tensor) -> None:
+        """Output j's gradient δ, from the backward (eager mode: a hook on the output). Kept for `collect`;
+        a subclass may reduce the record at once (`LayerNormHandler`)."""
+        rec.tensors["deltas"][j] = grad
+        rec.done = True
+
     def receive(self, tensors):
-        self.records.append(CallRecord(
-            tensors={"deltas": [tensors[0]], "args": tuple(tensors[1:]), "kwargs": {}}, done=True))
+        rec = CallRecord(tensors={"deltas": [None], "args": tuple(tensors[1:]), "kwargs": {}})
+        self._delta_arrived(rec, 0, tensors[0])
+        self.records.append(rec)
 
     def exact_params(self):
         return [p for p in self.module.parameters(recurse=False) if p.requires_grad]
