@@ -408,7 +408,7 @@ class FactoredEngine(GradEngine):
                 h.accumulate(coef, bad, self._layout)
                 for p in self._flush_after.get(id(h), ()):
                     self._staging.flush(p)  # reduce-scatter into the shard, free the full-size buffer
-            sharded, fulls = [], []
+            sharded, fulls, local = [], [], []
             for _, p in self.params:
                 g = self._exact.get(id(p))
                 if self._sharded and _fsdp.is_sharded(p) and self._kind[id(p)] == "exact":
@@ -418,7 +418,13 @@ class FactoredEngine(GradEngine):
                                  weighted_sum(g, coef, bad))
                     continue
                 if g is not None:
-                    add_to_grad(p, weighted_sum(g, coef, bad))
+                    local.append((p, g))
+            if local:
+                # The small parameters' Σ_s coef_s g_s in one product, not one small one per parameter (a model
+                # has a few of them per block: on a GPU each would be a kernel launch, on a CPU a dispatch).
+                totals = weighted_sum(torch.cat([g for _, g in local], dim=1), coef, bad)
+                for (p, _), total in zip(local, totals.split([g.shape[1] for _, g in local])):
+                    add_to_grad(p, total)
             if sharded:
                 _fsdp.all_reduce_into_grads(sharded, fulls)
         finally:
