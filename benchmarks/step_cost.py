@@ -16,6 +16,8 @@ Ratios are to plain `Trainer` at the same point, measured in the same run.
     python benchmarks/step_cost.py                 # the full grid (≈ 20 min on a busy 2-core CPU)
     python benchmarks/step_cost.py --quick         # 4x256 only, B = 8/16 (≈ 5 min)
     python benchmarks/step_cost.py --device cuda --models 12x768 --batch-sizes 16 --seq 512   # GPT-2 small
+    python benchmarks/step_cost.py --grid --rounds 40 --json grid.json --plot step_cost.png   # + a figure
+    python benchmarks/step_cost.py --replot grid.json --plot step_cost.png   # the figure again, no runs
 
 The reference (opacus) engine generates a k × d Gaussian block by block every step (d = all trainable
 parameters): on CPU that costs minutes per step at these sizes, so by default it runs only on the smaller
@@ -325,6 +327,52 @@ def _fmt_table(results: list[dict], paired: list[dict], device: str) -> str:
     return "\n".join(rows)
 
 
+def plot(results: list[dict], paired: list[dict], path: str, title: str = "") -> None:
+    """Two panels per (model, B) point: DoGraph-factored's per-step time ratio to the plain step (every paired
+    round, with its median and quartiles) and its training-memory ratio (median, range over the processes),
+    each against the issue's bound (1.10× time, 1.3× memory)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [r for r in paired if "error" not in r and r.get("ratios")]
+    plain = {(r["model"], r["batch"]): r for r in results if r.get("trainer") == "plain" and "error" not in r}
+    fact = {(r["model"], r["batch"]): r for r in results if r.get("trainer") == "factored" and "error" not in r}
+    labels = [f"{r['model']}\nB={r['batch']} T={r['seq']}" for r in pairs]
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax_t.boxplot([r["ratios"] for r in pairs], whis=(0, 100), widths=0.5)
+    for i, r in enumerate(pairs, start=1):
+        ax_t.scatter([i] * len(r["ratios"]), r["ratios"], s=8, alpha=0.35, color="tab:blue")
+    ax_t.axhline(1.10, color="tab:red", ls="--", lw=1, label="issue's bound 1.10×")
+    ax_t.axhline(1.0, color="gray", lw=0.8)
+    ax_t.set_xticks(range(1, len(pairs) + 1), labels)
+    ax_t.set_ylabel("DoGraph step / plain step (paired rounds)")
+    ax_t.set_title("step time")
+    ax_t.legend(loc="upper right", fontsize=8)
+    mem_key = "peak_mb_runs" if any(r.get("device") == "cuda" for r in pairs) else "training_mb_runs"
+    for i, r in enumerate(pairs, start=1):
+        key = (r["model"], r["batch"])
+        if key not in plain or key not in fact:
+            continue
+        base = statistics.median(plain[key].get(mem_key) or [plain[key]["peak_mb"]])
+        runs = [m / base for m in (fact[key].get(mem_key) or [fact[key]["peak_mb"]])]
+        mid = statistics.median(runs)
+        ax_m.errorbar([i], [mid], yerr=[[mid - min(runs)], [max(runs) - mid]], fmt="o", color="tab:blue", capsize=4)
+    ax_m.axhline(1.3, color="tab:red", ls="--", lw=1, label="issue's bound 1.3×")
+    ax_m.axhline(1.0, color="gray", lw=0.8)
+    ax_m.set_xticks(range(1, len(pairs) + 1), labels)
+    ax_m.set_xlim(0.5, len(pairs) + 0.5)
+    ax_m.set_ylabel("DoGraph / plain training memory")
+    ax_m.set_title("memory (median of the processes, range)")
+    ax_m.legend(loc="upper right", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -347,7 +395,16 @@ def main(argv=None) -> None:
     ap.add_argument("--memory-runs", type=int, default=3,
                     help="fresh processes per trainer for the peak memory (median; opacus runs once)")
     ap.add_argument("--json", help="also write all results to this JSON file")
+    ap.add_argument("--plot", help="also draw the DoGraph/plain time and memory ratios into this PNG")
+    ap.add_argument("--replot", metavar="JSON", help="no runs: draw --plot from an earlier --json file")
     a = ap.parse_args(argv)
+    if a.replot:
+        if not a.plot:
+            ap.error("--replot needs --plot PATH")
+        doc = json.loads(open(a.replot).read())
+        plot(doc["points"], doc["paired"], a.plot, title=doc.get("command", ""))
+        print(f"wrote {a.plot}")
+        return
     if a.worker:
         spec = json.loads(a.worker)
         fn = run_paired if spec.get("paired") else run_point
@@ -410,9 +467,13 @@ def main(argv=None) -> None:
     eng = next((r.get("engine") for r in results if r.get("engine")), None)
     if eng:
         print(f"factored engine: {eng}")
+    command = f"python benchmarks/step_cost.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip()
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"points": results, "paired": paired}, f, indent=1)
+            json.dump({"command": command, "points": results, "paired": paired}, f, indent=1)
+    if a.plot:
+        plot(results, paired, a.plot, title=command)
+        print(f"wrote {a.plot}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,30 @@
+"""`benchmarks/step_cost.py --replot`: the step-cost figure drawn again from a stored run, no training."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+from conftest import REPO_ROOT
+
+STORED = REPO_ROOT / "benchmarks" / "figures" / "step_cost_grid.json"
+
+
+def _step_cost():
+    spec = importlib.util.spec_from_file_location("step_cost_benchmark", REPO_ROOT / "benchmarks" / "step_cost.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_replot_draws_the_stored_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    _step_cost().main(["--replot", str(STORED), "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_replot_without_a_plot_path_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        _step_cost().main(["--replot", str(STORED)])
+    assert "--replot needs --plot PATH" in capsys.readouterr().err
