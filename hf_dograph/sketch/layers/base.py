@@ -153,7 +153,8 @@ class HandlerEngine(Protocol):
     replaying: bool
     #: linear layers form per-sample weight gradients when rows·cols ≤ form_below · T·(rows + cols)
     form_below: float
-    #: the samples of the backward in progress (None outside one): what `receive` may already reduce to
+    #: the samples of the backward in progress (None outside one): what records are reduced to there
+    #: (`LayerHandler.reduce_in_backward`)
     backward_layout: SampleLayout | None
 
     def slot(self, param: nn.Parameter) -> WeightSlot:
@@ -222,6 +223,26 @@ class LayerHandler:
         coef_s = 0 for left-out samples. `bad` (S,) bool, when given, marks left-out samples whose tensors
         hold inf/NaN: their tokens must contribute exact zeros (0 · NaN would be NaN), see
         `SampleLayout.scale_tokens` / `zero_tokens`."""
+
+    def reduce_in_backward(self, rec: CallRecord, layout: SampleLayout) -> dict | None:
+        """What a complete record can be reduced to right away, in the backward (its new `tensors`), so that
+        its big token tensors are not kept until `collect`; None keeps it as it is (the default). May raise
+        ValueError where the tensors do not fit `layout`: the record is then kept, and `collect` reports it."""
+        return None
+
+    def _reduce_now(self, rec: CallRecord) -> None:
+        """Called by a handler as its record becomes complete: reduces it (`reduce_in_backward`) when the engine
+        is inside its backward, i.e. knows the samples of the tokens."""
+        layout = self.engine.backward_layout
+        if layout is None:
+            return
+        try:
+            with torch.no_grad():
+                reduced = self.reduce_in_backward(rec, layout)
+        except ValueError:
+            return  # not token-aligned: `collect` reports it, naming the layer
+        if reduced is not None:
+            rec.tensors = reduced
 
     def done_records(self) -> list[CallRecord]:
         return [r for r in self.records if r.done]

@@ -93,10 +93,11 @@ class TappedHandler(PatchedHandler):
         return out
 
     def _delta_arrived(self, rec: CallRecord, j: int, grad: torch.Tensor) -> None:
-        """Output j's gradient δ, from the backward (eager mode: a hook on the output). Kept for `collect`;
-        a subclass may reduce the record at once (`LayerNormHandler`)."""
+        """Output j's gradient δ, from the backward (eager mode: a hook on the output): the record is complete,
+        kept for `collect` or reduced at once where the handler can (`reduce_in_backward`)."""
         rec.tensors["deltas"][j] = grad
         rec.done = True
+        self._reduce_now(rec)
 
     def receive(self, tensors):
         rec = CallRecord(tensors={"deltas": [None], "args": tuple(tensors[1:]), "kwargs": {}})

@@ -117,27 +117,23 @@ class LinearHandler(DeferredHandler):
         rec = CallRecord(tensors={"delta": tensors[0]}, done=True)
         if len(tensors) > 1:
             rec.tensors["input"] = tensors[1]
-        layout = self.engine.backward_layout
-        if layout is not None and self.weight is not None and "input" in rec.tensors:
-            self._form_if_narrow(rec, layout)
+        self._reduce_now(rec)
         self.records.append(rec)
 
-    def _form_if_narrow(self, rec: CallRecord, layout) -> None:
+    def reduce_in_backward(self, rec: CallRecord, layout) -> dict | None:
         """In the backward, right after this layer's: if it is narrow for its samples (`forms_per_sample`), its
         per-sample gradients G (S, rows, cols) and its bias's per-sample sums replace δ and a in the record, so
         that δ and a are never kept (autograd frees a as it would for the plain step)."""
-        try:
-            d, a = self._rows(rec, layout)
-        except ValueError:
-            return  # not token-aligned: `collect` reports it, naming the layer
+        if self.weight is None or "input" not in rec.tensors:
+            return None
+        d, a = self._rows(rec, layout)
         if not self.forms_per_sample(d.shape[1] if layout.is_rows else layout.padded_length()):
-            return
-        with torch.no_grad():
-            left, right = (a, d) if self.transposed else (d, a)  # the parameter's layout, as in `collect`
-            # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once: one batched matmul, the plain dW's flops
-            g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right.to(left.dtype))).float()
-            bias = layout.sum_tokens(d.float()) if self.bias is not None else None
-        rec.tensors = {"per_sample": g, "bias": bias}
+            return None
+        left, right = (a, d) if self.transposed else (d, a)  # the parameter's layout, as in `collect`
+        # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once: one batched matmul, the plain dW's flops
+        g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right.to(left.dtype))).float()
+        bias = layout.sum_tokens(d.float()) if self.bias is not None else None
+        return {"per_sample": g, "bias": bias}
 
     # ------------------------------------------------------------------ after the backward
     def _rows(self, rec: CallRecord, layout):

@@ -3,10 +3,10 @@
 y = x̂ ⊙ w + b with x̂ = (x − μ)/σ per token, so g_s(w) = Σ_{t∈s} δ_t ⊙ x̂_t and g_s(b) = Σ_{t∈s} δ_t.
 x̂ is recomputed from the input (one cheap normalization) instead of re-running autograd per sample.
 
-The sums are taken in the backward, as soon as the layer's δ arrives (the engine says which samples the
-backward's tokens belong to): the record then holds two (S, hidden) sums instead of δ and x (B × T × hidden
-each), which autograd frees layer by layer as it does for the plain step. Where the tensors are not
-token-aligned, δ and x are kept and `collect` names the problem.
+The sums are taken in the backward, as soon as the layer's δ arrives (`reduce_in_backward`; the engine says
+which samples the backward's tokens belong to): the record then holds two (S, hidden) sums instead of δ and
+x (B × T × hidden each), which autograd frees layer by layer as it does for the plain step. Where the tensors
+are not token-aligned, δ and x are kept and `collect` names the problem.
 
 Other norms (RMSNorm variants) take the generic `torch.func` path, which is exact for any formula (per token,
 then summed per sample, when samples are packed segments).
@@ -32,17 +32,9 @@ class LayerNormHandler(TappedHandler):
         return (isinstance(module, nn.LayerNorm) and type(module).forward is nn.LayerNorm.forward
                 and module.elementwise_affine)
 
-    def _delta_arrived(self, rec: CallRecord, j: int, grad: torch.Tensor) -> None:
-        super()._delta_arrived(rec, j, grad)
-        layout = self.engine.backward_layout
-        if layout is None:
-            return
-        try:
-            with torch.no_grad(), self.engine.small_ops(grad.device):
-                sums = self._per_sample_sums(rec, layout)
-        except ValueError:
-            return  # not token-aligned: `collect` reports it, naming the layer
-        rec.tensors = {"sums": sums}
+    def reduce_in_backward(self, rec: CallRecord, layout) -> dict:
+        with self.engine.small_ops(rec.tensors["deltas"][0].device):
+            return {"sums": self._per_sample_sums(rec, layout)}
 
     def _per_sample_sums(self, rec: CallRecord, layout) -> dict[str, torch.Tensor] | None:
         """{'weight': Σ_t δ_t ⊙ x̂_t, 'bias': Σ_t δ_t} per sample (S, hidden), for the trainable ones."""
