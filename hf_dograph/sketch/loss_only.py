@@ -30,15 +30,10 @@ import torch
 from torch import nn
 
 from .base import GradEngine, resolve_layout
+from .fsdp import full_value
 from .layout import SampleLayout
 
 logger = logging.getLogger(__name__)
-
-
-def _whole(flag: torch.Tensor) -> torch.Tensor:
-    """A flag computed on an FSDP2-sharded gradient (a DTensor) as a plain tensor over all its shards (a
-    collective, no host read); any other tensor as it is."""
-    return flag.full_tensor() if hasattr(flag, "full_tensor") else flag
 
 
 class LossOnlyEngine(GradEngine):
@@ -99,7 +94,8 @@ class LossOnlyEngine(GradEngine):
         # One device→host read for the whole check, not one per parameter: are the losses finite (the trainer
         # redoes a micro-batch with a non-finite loss per sample, so they must be), and is every new gradient?
         flags = [torch.isfinite(losses.detach()).all()]
-        flags += [_whole(torch.isfinite(g).all()) for g in new if g is not None]
+        # (a flag of an FSDP2-sharded gradient is a DTensor: `full_value` gathers it, a collective, no host read)
+        flags += [full_value(torch.isfinite(g).all()) for g in new if g is not None]
         losses_finite, *grads_finite = torch.stack(flags).tolist()
         if not losses_finite:
             for (_, p), old in zip(self.params, saved):
