@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from hf_dograph.sketch import ENGINES
 
-from helpers_models import relative_error, trainable
+from helpers_models import VOCAB, relative_error, trainable
 
 
 @dataclass
@@ -110,6 +110,20 @@ def segment_losses(logits: torch.Tensor, labels: torch.Tensor, segment_ids: torc
     total = torch.zeros(s, dtype=tok.dtype).index_add(0, seg[valid], tok[valid])
     count = torch.bincount(seg[valid], minlength=s).clamp(min=1)
     return total / count
+
+
+def random_sequences(lengths: list[int], seed: int = 0) -> list[torch.Tensor]:
+    """Token sequences of the given lengths (ids 1..VOCAB-1), drawn in order from one seeded generator."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
+
+
+def packed_losses(batch: dict):
+    """The per-segment losses function of a `packed_batch` (model → (S,)), position_ids given to the model."""
+    def losses(model):
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+        return segment_losses(out.logits, batch["labels"], batch["segment_ids"])
+    return losses
 
 
 def rows_batch(seqs: list[torch.Tensor]) -> dict:

@@ -25,8 +25,9 @@ from hf_dograph.sketch import SampleLayout
 from hf_dograph.sketch.factored import FactoredEngine
 from hf_dograph.sketch.layers.linear import LinearHandler
 
-from helpers_engines import assert_grads_close, autograd_grads, packed_batch, run_engine, segment_losses
-from helpers_models import VOCAB, gpt2, llama, lm_batch, per_sample_losses, relative_error, trainable
+from helpers_engines import assert_grads_close, autograd_grads, packed_batch, packed_losses, random_sequences
+from helpers_engines import run_engine
+from helpers_models import gpt2, llama, lm_batch, per_sample_losses, relative_error, trainable
 from helpers_models import nan_first_sample_after_first_block, weighted_autograd_gradient
 
 
@@ -52,15 +53,9 @@ def _rows_losses(batch):
 
 
 def _packed():
-    g = torch.Generator().manual_seed(3)
-    seqs = [[torch.randint(1, VOCAB, (n,), generator=g) for n in row] for row in ([7, 5, 9], [6, 8])]
-    packed = packed_batch(seqs, pad_to=22)  # the second row ends in a padding run (no sample)
-
-    def losses(model):
-        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
-        return segment_losses(out.logits, packed["labels"], packed["segment_ids"])
-
-    return losses, SampleLayout.segments(packed["segment_ids"])
+    seqs = random_sequences([7, 5, 9, 6, 8], seed=3)
+    packed = packed_batch([seqs[:3], seqs[3:]], pad_to=22)  # the second row ends in a padding run (no sample)
+    return packed_losses(packed), SampleLayout.segments(packed["segment_ids"])
 
 
 @pytest.mark.parametrize("model_name", ["gpt2", "llama"])

@@ -16,7 +16,7 @@ from hf_dograph.sketch import SampleLayout, UnsupportedLayerError
 from hf_dograph.sketch.factored import FactoredEngine
 from hf_dograph.sketch.layers.norm import LayerNormHandler
 
-from helpers_engines import packed_batch, segment_losses
+from helpers_engines import packed_batch, packed_losses, random_sequences
 from helpers_models import VOCAB, gpt2, lm_batch, per_sample_losses
 
 
@@ -26,15 +26,9 @@ def _rows():
 
 
 def _packed():
-    g = torch.Generator().manual_seed(5)
-    seqs = [[torch.randint(1, VOCAB, (n,), generator=g) for n in row] for row in ([6, 4, 8], [7, 9])]
-    packed = packed_batch(seqs, pad_to=20)
-
-    def losses(model):
-        out = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False)
-        return segment_losses(out.logits, packed["labels"], packed["segment_ids"])
-
-    return losses, SampleLayout.segments(packed["segment_ids"])
+    seqs = random_sequences([6, 4, 8, 7, 9], seed=5)
+    packed = packed_batch([seqs[:3], seqs[3:]], pad_to=20)
+    return packed_losses(packed), SampleLayout.segments(packed["segment_ids"])
 
 
 @pytest.mark.parametrize("make", [_rows, _packed], ids=["rows", "packed"])

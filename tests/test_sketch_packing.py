@@ -23,23 +23,12 @@ from helpers_engines import (
     assert_grads_close,
     autograd_grads,
     packed_batch,
+    packed_losses,
+    random_sequences,
     rows_batch,
     run_engine,
-    segment_losses,
 )
 from helpers_models import VOCAB, gpt2, llama
-
-
-def _sequences(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, VOCAB, (n,), generator=g) for n in lengths]
-
-
-def _packed_losses(batch):
-    def losses(model):
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        return segment_losses(out.logits, batch["labels"], batch["segment_ids"])
-    return losses
 
 
 def _row_losses(batch):
@@ -76,7 +65,7 @@ BUILD = {"gpt2": gpt2, "llama": llama, "gemma": _gemma}
                          + [("gemma", "1 row x 4")])
 def test_packed_segments_are_samples(model_name, layout_name):
     rows_of_lengths, pad_to = LAYOUTS[layout_name]
-    seqs = _sequences([n for row in rows_of_lengths for n in row])
+    seqs = random_sequences([n for row in rows_of_lengths for n in row])
     it = iter(seqs)
     packed = packed_batch([[next(it) for _ in row] for row in rows_of_lengths], pad_to=pad_to)
     layout = SampleLayout.segments(packed["segment_ids"])
@@ -86,10 +75,10 @@ def test_packed_segments_are_samples(model_name, layout_name):
     alpha = torch.linspace(0.05, 0.3, s, dtype=torch.float64)
     alpha[1] = 0.0  # a left-out sample
 
-    run = run_engine("factored", build(), _packed_losses(packed), alpha, layout=layout)
+    run = run_engine("factored", build(), packed_losses(packed), alpha, layout=layout)
     assert run.sketches.shape == (s, 64) and run.finite.all()
     # 1. the exact weighted gradient of the packed batch
-    err = assert_grads_close(run.grads, autograd_grads(build(), _packed_losses(packed), alpha))
+    err = assert_grads_close(run.grads, autograd_grads(build(), packed_losses(packed), alpha))
     print(f"{model_name} {layout_name}: weighted gradient vs autograd, relative error {err:.2e}")
 
     # 2. the same sequences one per row: same sketches, same weighted gradient
@@ -103,13 +92,13 @@ def test_packed_segments_are_samples(model_name, layout_name):
 def test_packed_sketches_differ_when_segments_are_mislabelled():
     """The comparison above can fail: labelling the same packed row with the wrong split (segments shifted by
     one token) changes the sketches."""
-    seqs = _sequences([7, 5, 9])
+    seqs = random_sequences([7, 5, 9])
     packed = packed_batch([seqs])
     wrong = packed["segment_ids"].clone()
     wrong[0, 7] = 0  # first token of sequence 1 counted in sequence 0
-    good = run_engine("factored", gpt2(), _packed_losses(packed), torch.ones(3),
+    good = run_engine("factored", gpt2(), packed_losses(packed), torch.ones(3),
                       layout=SampleLayout.segments(packed["segment_ids"]))
-    bad = run_engine("factored", gpt2(), _packed_losses(packed), torch.ones(3), layout=SampleLayout.segments(wrong))
+    bad = run_engine("factored", gpt2(), packed_losses(packed), torch.ones(3), layout=SampleLayout.segments(wrong))
     assert float((good.sketches - bad.sketches).norm() / good.sketches.norm()) > 1e-3
 
 
@@ -141,7 +130,7 @@ def test_layout_from_position_ids_and_checks():
 
 
 def test_losses_must_match_the_layout():
-    seqs = _sequences([4, 5])
+    seqs = random_sequences([4, 5])
     packed = packed_batch([seqs])
     layout = SampleLayout.segments(packed["segment_ids"])
     model = gpt2()
@@ -149,7 +138,7 @@ def test_losses_must_match_the_layout():
 
     eng = FactoredEngine(model, projection_dim=16, seed=0)
     with eng.capturing():
-        losses = _packed_losses(packed)(model)
+        losses = packed_losses(packed)(model)
         with pytest.raises(ValueError, match="2 samples"):
             eng.backward(torch.cat([losses, losses[:1]]), layout)
         eng.backward(losses, layout)
@@ -203,18 +192,18 @@ class _Out:
 
 
 def _tiny_packed():
-    packed = packed_batch([_sequences([5, 6, 4])])
+    packed = packed_batch([random_sequences([5, 6, 4])])
     return packed, SampleLayout.segments(packed["segment_ids"])
 
 
 def test_layer_that_is_not_tokenwise_is_refused_by_name():
     packed, layout = _tiny_packed()
     with pytest.raises(UnsupportedLayerError, match=r"middle \(_Mixer\).*not known to work token by token"):
-        run_engine("factored", _TinyLM(_Mixer(16)), _packed_losses(packed), torch.ones(3), layout=layout)
+        run_engine("factored", _TinyLM(_Mixer(16)), packed_losses(packed), torch.ones(3), layout=layout)
     with pytest.raises(UnsupportedLayerError, match=r"middle \(_FakeRMSNorm\).*depends on other tokens"):
-        run_engine("factored", _TinyLM(_FakeRMSNorm(16)), _packed_losses(packed), torch.ones(3), layout=layout)
+        run_engine("factored", _TinyLM(_FakeRMSNorm(16)), packed_losses(packed), torch.ones(3), layout=layout)
     # rows are still fine for such layers (the generic path splits them per row)
-    rows = rows_batch(_sequences([5, 6, 4]))
+    rows = rows_batch(random_sequences([5, 6, 4]))
     alpha = torch.tensor([0.2, 0.5, 0.3])
     got = run_engine("factored", _TinyLM(_Mixer(16)), _row_losses(rows), alpha).grads
     assert_grads_close(got, autograd_grads(_TinyLM(_Mixer(16)), _row_losses(rows), alpha))
@@ -224,19 +213,19 @@ def test_declared_tokenwise_layer_is_split_per_token_exactly():
     packed, layout = _tiny_packed()
     alpha = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
     with pytest.raises(UnsupportedLayerError, match=r"middle \(_Gain\)"):
-        run_engine("factored", _TinyLM(_Gain(16)), _packed_losses(packed), alpha, layout=layout)
+        run_engine("factored", _TinyLM(_Gain(16)), packed_losses(packed), alpha, layout=layout)
     generic.register_tokenwise(_Gain)
     try:
-        got = run_engine("factored", _TinyLM(_Gain(16)), _packed_losses(packed), alpha, layout=layout)
+        got = run_engine("factored", _TinyLM(_Gain(16)), packed_losses(packed), alpha, layout=layout)
     finally:
         generic.TOKENWISE_TYPES.remove(_Gain)
-    assert_grads_close(got.grads, autograd_grads(_TinyLM(_Gain(16)), _packed_losses(packed), alpha))
+    assert_grads_close(got.grads, autograd_grads(_TinyLM(_Gain(16)), packed_losses(packed), alpha))
 
 
 def test_reference_engine_refuses_packed_batches_naming_the_fix():
     packed, layout = _tiny_packed()
     with pytest.raises(UnsupportedLayerError, match="grad_engine='factored'"):
-        run_engine("opacus", gpt2(), _packed_losses(packed), torch.ones(3), layout=layout)
+        run_engine("opacus", gpt2(), packed_losses(packed), torch.ones(3), layout=layout)
     with pytest.raises(ValueError, match="grad_engine='factored'"):
         check_training_setup("opacus", gpt2(), packed_sequences=True)
     check_training_setup("factored", gpt2(), packed_sequences=True)
