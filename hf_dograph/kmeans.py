@@ -2,12 +2,19 @@
 
 The persistent domain model refits its centroids every few optimizer steps on a window of a few hundred
 sketches. scikit-learn would need the sketches on the host (a copy and a synchronization per refit on a GPU)
-and stops at convergence (a data-dependent loop). Here everything is tensor ops with a fixed amount of work:
+and stops at convergence (a data-dependent loop). Here everything is tensor ops with a fixed amount of work on a
+device:
 
 * k-means++ seeding with the sampling done by the Gumbel-max trick (argmax of log-weight + Gumbel noise is a
   draw from the normalized weights), so no `multinomial` and no host-side branching;
 * `n_init` seedings run together as a batch; a fixed number of Lloyd iterations; an empty cluster keeps its
   previous centroid; the restart with the least inertia is kept (argmin on the device).
+
+On the CPU there is no device to wait for, so there the loops stop as soon as their remaining iterations can
+change nothing: Lloyd once an iteration's assignments equal the previous one's (the centroids are then a fixed
+point: the same means of the same rows, bit for bit), and the re-seeding of empty clusters visits only the
+clusters that are empty. The result is identical to running every iteration (tested); a warm-started refit
+then costs a few iterations instead of `kmeans_max_iter`.
 
 Rows carry weights (0 for padding / left-out rows), so a fixed-capacity window can be clustered as it is.
 The result depends only on the rows in their given order and on the generator: the caller keeps a canonical
@@ -64,12 +71,26 @@ def kmeans_plus_plus(x: torch.Tensor, weights: torch.Tensor, m: int, n_init: int
     return centroids
 
 
-def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+def _stops_early(x: torch.Tensor, stop_early: bool | None) -> bool:
+    """Whether a loop may read the device to end early: by default only on the CPU (nothing to synchronize)."""
+    return x.device.type == "cpu" if stop_early is None else stop_early
+
+
+def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int, *,
+          stop_early: bool | None = None) -> torch.Tensor:
     """`iters` Lloyd iterations for a batch of centroid sets (R, m, k); weighted means; an empty cluster keeps
-    its previous centroid."""
+    its previous centroid. With `stop_early` (default: on the CPU) it returns as soon as the assignments repeat:
+    the centroids are then a fixed point, so the result is the one of all `iters` iterations, bit for bit."""
     m = centroids.shape[-2]
+    early = _stops_early(x, stop_early)
+    previous = None
     for _ in range(iters):
         assign = nearest(x, centroids)  # (R, N)
+        if early:
+            # Same assignments → the same means as the last iteration computed → these centroids again.
+            if previous is not None and torch.equal(assign, previous):
+                break
+            previous = assign
         onehot = torch.nn.functional.one_hot(assign, m).to(x.dtype) * weights[None, :, None]  # (R, N, m)
         counts = onehot.sum(dim=1)  # (R, m)
         sums = torch.matmul(onehot.transpose(1, 2), x)  # (R, m, k)
@@ -79,25 +100,30 @@ def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters
 
 
 def kmeans(x: torch.Tensor, weights: torch.Tensor, m: int, *, n_init: int, iters: int,
-           generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroids (m, k) of the weighted rows x (N, k) and their inertia Σ_i w_i min_j ‖x_i − c_j‖² (0-dim)."""
+           generator: torch.Generator, stop_early: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids (m, k) of the weighted rows x (N, k) and their inertia Σ_i w_i min_j ‖x_i − c_j‖² (0-dim)
+    (`stop_early`: see `lloyd`)."""
     x = x.float()
     weights = weights.to(x.dtype)
     init = kmeans_plus_plus(x, weights, m, n_init, generator)
-    centroids = lloyd(x, weights, init, iters)
+    centroids = lloyd(x, weights, init, iters, stop_early=stop_early)
     inertia = (squared_distances(x, centroids).min(dim=-1).values * weights).sum(dim=-1)  # (R,)
     best = inertia.argmin()
     return centroids[best], inertia[best]
 
 
-def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, *,
+                 stop_early: bool | None = None) -> torch.Tensor:
     """Centroids (m, k) with every cluster that holds no weighted row moved onto the row farthest from all
-    centroids (then the next farthest, ...): a refit started from old centroids never keeps a dead domain."""
+    centroids (then the next farthest, ...): a refit started from old centroids never keeps a dead domain.
+    With `stop_early` (default: on the CPU) only the empty clusters are visited (a non-empty one changes
+    nothing): the same result."""
     m = centroids.shape[0]
     closest = squared_distances(x, centroids).min(dim=-1)
     counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, closest.indices, weights)
     far = closest.values * (weights > 0)
-    for j in range(m):
+    visit = (counts <= 0).nonzero().flatten().tolist() if _stops_early(x, stop_early) else range(m)
+    for j in visit:
         row = far.argmax()
         empty = counts[j] <= 0
         centroids = torch.where(empty, centroids.index_copy(0, torch.tensor([j], device=x.device), x[row][None]),
@@ -107,12 +133,13 @@ def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor
     return centroids
 
 
-def refine(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int) -> torch.Tensor:
+def refine(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters: int, *,
+           stop_early: bool | None = None) -> torch.Tensor:
     """A refit that starts from the current centroids (m, k): Lloyd iterations, empty clusters re-seeded, Lloyd
     again. Centroid j stays domain j — the domains keep their identity from one refit to the next — and it
-    costs one K-means run instead of `n_init` seeded ones."""
+    costs one K-means run instead of `n_init` seeded ones (`stop_early`: see `lloyd`)."""
     x = x.float()
     weights = weights.to(x.dtype)
-    c = lloyd(x, weights, centroids.float()[None], max(1, iters // 2))[0]
-    c = reseed_empty(x, weights, c)
-    return lloyd(x, weights, c[None], max(1, iters - iters // 2))[0]
+    c = lloyd(x, weights, centroids.float()[None], max(1, iters // 2), stop_early=stop_early)[0]
+    c = reseed_empty(x, weights, c, stop_early=stop_early)
+    return lloyd(x, weights, c[None], max(1, iters - iters // 2), stop_early=stop_early)[0]

@@ -6,7 +6,9 @@ tensor, so counting those calls made by hf_dograph's own code (not by the model 
 `training_step` bounds DoGraph's synchronizations. The bound (README, "Gradient engines"): one read per micro-batch —
 a two-flag vector: whether a left-out sample holds inf/NaN, and whether any sample was usable — the same
 count as the plain Trainer's own per-micro-batch NaN check of the loss; nothing more at the end of the
-optimizer step, refits included (persistent domains, default objective, one process).
+optimizer step, refits included (persistent domains, default objective, one process). The K-means of a refit
+runs here as on a GPU: on the CPU, where no device exists to wait for, it reads its assignments to stop
+early (`kmeans.lloyd`), which a GPU run does not do.
 
 The baseline strategies (`uniform`, `loss_reweighting`, `group_dro`: one ordinary weighted backward, no
 sketches) check the finiteness of that backward's gradients with one read for all parameters, so their count
@@ -76,7 +78,10 @@ def _micro_batch(trainer, seed, last):
         trainer.model.zero_grad(set_to_none=True)
 
 
-def test_one_host_read_per_micro_batch_and_none_more_per_optimizer_step(tmp_path):
+def test_one_host_read_per_micro_batch_and_none_more_per_optimizer_step(tmp_path, monkeypatch):
+    import hf_dograph.kmeans as km
+
+    monkeypatch.setattr(km, "_stops_early", lambda x, stop_early: False)  # the device's code path
     trainer = _trainer(tmp_path)
     for s in range(4):  # warm-up, the first fit, a weighted step, a refit
         _micro_batch(trainer, 2 * s, last=False)

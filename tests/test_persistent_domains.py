@@ -61,6 +61,36 @@ def test_refine_from_nearby_centroids_keeps_their_order_and_revives_empty_cluste
     assert torch.equal(reseed_empty(x, w, centers), centers)  # nothing empty: nothing moves
 
 
+def test_stopping_early_on_the_cpu_gives_the_fixed_iterations_result_bit_for_bit(monkeypatch):
+    """On the CPU Lloyd stops once its assignments repeat and the re-seeding visits only empty clusters: the
+    centroids must be exactly those of every iteration run (what a GPU computes), and fewer iterations run."""
+    import hf_dograph.kmeans as km
+
+    calls = []
+    real_nearest = km.nearest
+    monkeypatch.setattr(km, "nearest", lambda *a: calls.append(1) or real_nearest(*a))
+    for seed, spread, m in ((0, 0.3, 4), (1, 2.0, 6), (2, 5.0, 8)):  # separated blobs … one cloud
+        x, centers = _blobs(seed=seed, m=4, spread=spread)
+        w = (torch.rand(len(x), generator=torch.Generator().manual_seed(seed)) > 0.1).float()
+        start = torch.cat([centers + 0.5, 1e4 * torch.ones(m - 4, x.shape[1]).cumsum(0)])  # m - 4 dead clusters
+        runs = {}
+        for early in (False, True):
+            calls.clear()
+            refined = refine(x, w, start, iters=30, stop_early=early)
+            refine_calls = len(calls)
+            fitted, inertia = kmeans(x, w, m, n_init=3, iters=30, generator=torch.Generator().manual_seed(seed),
+                                     stop_early=early)
+            runs[early] = (refined, fitted, inertia, refine_calls, len(calls) - refine_calls)
+        for fixed, stopped in zip(runs[False][:3], runs[True][:3]):
+            assert torch.equal(fixed, stopped)
+        assert runs[False][3:] == (30, 30)
+        assert runs[True][3] < 30 and runs[True][4] < 30  # it did stop early
+    # The default follows the device: early on the CPU.
+    calls.clear()
+    refine(x, w, start, iters=30)
+    assert len(calls) == runs[True][3]
+
+
 def test_canonical_order_depends_only_on_the_rows():
     x, _ = _blobs()
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(2))
