@@ -227,6 +227,18 @@ def run_paired(spec: dict) -> dict:
                 spread=(min(ratio), max(ratio)), refits=trainers["factored"].dograph_strategy.model.refits)
 
 
+def optimizer_step(trainer, batch: dict) -> None:
+    """One optimizer step of a trainer stepped by hand, as `Trainer.train()` does it without accumulation:
+    `training_step`, gradient clipping, optimizer and scheduler step, `zero_grad`."""
+    import torch
+
+    trainer.training_step(trainer.model, {k: v.to(trainer.args.device) for k, v in batch.items()})
+    torch.nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.args.max_grad_norm)
+    trainer.optimizer.step()
+    trainer.lr_scheduler.step()
+    trainer.model.zero_grad(set_to_none=True)
+
+
 def paired_rounds(trainers: dict, batches: list[dict], device: str = "cpu") -> tuple[dict, dict]:
     """Wall and CPU seconds of every step of two trainers that alternate on the same batches (order flipped
     every round): {name: [seconds per round]} each. A step is what `Trainer.train()` does per optimizer step:
@@ -238,11 +250,7 @@ def paired_rounds(trainers: dict, batches: list[dict], device: str = "cpu") -> t
         if device == "cuda":
             torch.cuda.synchronize()
         w0, c0 = time.perf_counter(), _cpu_seconds()
-        t.training_step(t.model, {k: v.to(t.args.device) for k, v in b.items()})
-        torch.nn.utils.clip_grad_norm_(t.model.parameters(), t.args.max_grad_norm)
-        t.optimizer.step()
-        t.lr_scheduler.step()
-        t.model.zero_grad(set_to_none=True)
+        optimizer_step(t, b)
         if device == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - w0, _cpu_seconds() - c0

@@ -8,8 +8,9 @@
 #
 # It installs the wheels into a private folder (the image's own packages are left alone), checks that the
 # package imports and that one DoGraph step on the GPU gives the plain Trainer's update with uniform weights,
-# then times GPT-2 small (12x768, T = 512, bf16) at B = 16 and 48 against plain Trainer and profiles its
-# phases. Each part has its own time limit so that the whole fits in the device tool's 10 minutes; every log and
+# then times GPT-2 small (12x768, T = 512, bf16) at B = 16 and 48 against plain Trainer, profiles its
+# phases and lists the ops (kernel time, host time, launches) a DoGraph step adds. Each part has its own
+# time limit so that the whole fits in the device tool's 10 minutes; every log and
 # JSON goes to $OUT (or ./gpu_out when $OUT is unset). Versions of the image are printed first: the image's
 # torch/transformers are not this project's pins.
 set -u
@@ -40,7 +41,7 @@ EOF
 [ "${PIPESTATUS[0]}" -eq 0 ] || { log "the package does not import on this image: stop"; exit 3; }
 
 log "smoke: uniform-weight DoGraph step = plain Trainer step on cuda"
-timeout 120 $PY benchmarks/gpu/smoke_uniform.py 2>&1 | tee "$OUT/smoke.txt" | tail -3
+timeout 90 $PY benchmarks/gpu/smoke_uniform.py 2>&1 | tee "$OUT/smoke.txt" | tail -3
 [ "${PIPESTATUS[0]}" -eq 0 ] || log "smoke check FAILED (see smoke.txt); timing anyway"
 
 log "step cost: 12x768, B = 16 and 48, T = 512, bf16, plain vs factored"
@@ -49,7 +50,12 @@ timeout 300 $PY benchmarks/step_cost.py --device cuda --models 12x768 --batch-si
 log "step cost exit $? (table: step_cost_gpu.txt)"
 
 log "profile: 12x768, bf16, 40 steps"
-timeout 150 $PY benchmarks/step_profile.py --device cuda --models 12x768 --bf16 --steps 40 \
+timeout 110 $PY benchmarks/step_profile.py --device cuda --models 12x768 --bf16 --steps 40 \
   --json "$OUT/step_profile_gpu.json" >"$OUT/step_profile_gpu.txt" 2>&1
 log "profile exit $? (table: step_profile_gpu.txt)"
+
+log "op diff: 12x768, B = 16, bf16, 5 profiled steps each (kernel time vs host time, launches)"
+timeout 80 $PY benchmarks/op_diff.py --device cuda --model 12x768 --batch 16 --seq 512 --bf16 --steps 5 \
+  --warmup 2 --json "$OUT/op_diff_gpu.json" >"$OUT/op_diff_gpu.txt" 2>&1
+log "op diff exit $? (table: op_diff_gpu.txt)"
 log "done"
