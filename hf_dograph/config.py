@@ -106,8 +106,9 @@ class DoGraphSettings:
     kmeans_n_init: int = field(default=3, metadata={"help": "K-means restarts per clustering (best inertia kept)."})
     kmeans_max_iter: int = field(
         default=30,
-        metadata={"help": "Lloyd iterations per K-means run (persistent domains run exactly this many, on the "
-                  "model's device; per_batch stops earlier at convergence)."},
+        metadata={"help": "Lloyd iterations per K-means run (persistent domains run exactly this many on a GPU; "
+                  "on the CPU they stop once the assignments repeat, with the same result; per_batch stops "
+                  "earlier at convergence)."},
     )
     domain_refit_steps: int | None = field(
         default=None,
