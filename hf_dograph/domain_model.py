@@ -46,14 +46,21 @@ logger = logging.getLogger(__name__)
 _ORDER_STREAM = 0x5EED  # seeds the canonical-order direction apart from everything else
 
 
-def canonical_order(z: torch.Tensor, seed: int) -> torch.Tensor:
+def canonical_order(z: torch.Tensor, seed: int, direction: torch.Tensor | None = None) -> torch.Tensor:
     """A row order that depends only on the rows' values (sorted along a fixed random direction), so that a
     step's samples enter the window in the same order however the step was split across micro-batches and
-    ranks. Ties (identical rows) are interchangeable."""
-    gen = torch.Generator().manual_seed(seed * 1_000_003 + _ORDER_STREAM)
-    direction = torch.randn(z.shape[1], generator=gen, dtype=torch.float64).to(z.device)
+    ranks. Ties (identical rows) are interchangeable. `direction`: `order_direction(...)` made once (its copy
+    to the device would otherwise wait for the device every step)."""
+    if direction is None:
+        direction = order_direction(z.shape[1], seed, z.device)
     key = z.double() @ direction
     return torch.argsort(key, stable=True)
+
+
+def order_direction(dim: int, seed: int, device: torch.device) -> torch.Tensor:
+    """The fixed random direction of `canonical_order` (float64, drawn on the CPU: the same on every device)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + _ORDER_STREAM)
+    return torch.randn(dim, generator=gen, dtype=torch.float64).to(device)
 
 
 class PersistentDomains:
@@ -92,6 +99,7 @@ class PersistentDomains:
         self.multipliers: torch.Tensor | None = None  # v per domain (m,)
         self.stats: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[torch.Tensor, ...]] = []
+        self._order_direction: tuple | None = None  # ((dim, device), canonical_order's direction there)
 
     # ------------------------------------------------------------------ during the optimizer step
     @property
@@ -128,7 +136,11 @@ class PersistentDomains:
         packed = torch.cat([rows[0], torch.stack(rows[1:], dim=1)], dim=1)  # (n, k + 3)
         if gather is not None:
             packed = gather(packed)
-        packed = packed[canonical_order(packed, self.settings.projection_seed)]
+        key = (packed.shape[1], packed.device)
+        if self._order_direction is None or self._order_direction[0] != key:
+            self._order_direction = (key, order_direction(packed.shape[1], self.settings.projection_seed,
+                                                          packed.device))
+        packed = packed[canonical_order(packed, self.settings.projection_seed, self._order_direction[1])]
         self._insert(packed)
         self.samples_seen += int(packed.shape[0])
         self.steps += 1
@@ -154,8 +166,7 @@ class PersistentDomains:
             raise ValueError(f"sketches of dimension {k} reached a domain model of dimension {self.z.shape[1]}")
         packed = packed[-self.capacity:]  # more rows than the window holds: keep the last (canonical) ones
         n = packed.shape[0]
-        idx = (torch.arange(n) + self.ptr) % self.capacity
-        idx = idx.to(packed.device)
+        idx = (torch.arange(n, device=packed.device) + self.ptr) % self.capacity  # made there: no copy
         self.z[idx] = packed[:, :k]
         self.loss[idx] = packed[:, k]
         self.items[idx] = packed[:, k + 1]
@@ -191,7 +202,8 @@ class PersistentDomains:
         """Statistics of every domain from the window, the objective's weights, smoothing, multipliers."""
         s = self.settings
         z, valid = self.z, self.valid
-        onehot = torch.nn.functional.one_hot(self.domain, self.m).to(z.dtype) * valid[:, None]  # (W, m)
+        # (W, m); a comparison, not F.one_hot, which reads the indices' range on the host (on the CPU)
+        onehot = (self.domain.unsqueeze(-1) == torch.arange(self.m, device=z.device)).to(z.dtype) * valid[:, None]
         counts = onehot.sum(0)
         item_mass = (onehot * self.items[:, None]).sum(0)
         freq = item_mass / item_mass.sum().clamp(min=1e-30)

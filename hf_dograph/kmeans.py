@@ -91,7 +91,8 @@ def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters
             if previous is not None and torch.equal(assign, previous):
                 break
             previous = assign
-        onehot = torch.nn.functional.one_hot(assign, m).to(x.dtype) * weights[None, :, None]  # (R, N, m)
+        # (R, N, m); a comparison, not F.one_hot, which reads the indices' range on the host (on the CPU)
+        onehot = (assign.unsqueeze(-1) == torch.arange(m, device=x.device)).to(x.dtype) * weights[None, :, None]
         counts = onehot.sum(dim=1)  # (R, m)
         sums = torch.matmul(onehot.transpose(1, 2), x)  # (R, m, k)
         means = sums / counts.clamp(min=1e-30)[..., None]
@@ -108,8 +109,8 @@ def kmeans(x: torch.Tensor, weights: torch.Tensor, m: int, *, n_init: int, iters
     init = kmeans_plus_plus(x, weights, m, n_init, generator)
     centroids = lloyd(x, weights, init, iters, stop_early=stop_early)
     inertia = (squared_distances(x, centroids).min(dim=-1).values * weights).sum(dim=-1)  # (R,)
-    best = inertia.argmin()
-    return centroids[best], inertia[best]
+    best = inertia.argmin().reshape(1)  # indexing with a 0-dim tensor would read it on the host
+    return centroids.index_select(0, best)[0], inertia.index_select(0, best)[0]
 
 
 def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, *,
@@ -123,13 +124,13 @@ def reseed_empty(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor
     counts = torch.zeros(m, dtype=x.dtype, device=x.device).index_add_(0, closest.indices, weights)
     far = closest.values * (weights > 0)
     visit = (counts <= 0).nonzero().flatten().tolist() if _stops_early(x, stop_early) else range(m)
+    index = torch.arange(m, device=x.device)  # cluster j's index as a device tensor: no host→device copy
     for j in visit:
-        row = far.argmax()
+        farthest = x.index_select(0, far.argmax().reshape(1))  # (1, k), without reading the argmax on the host
         empty = counts[j] <= 0
-        centroids = torch.where(empty, centroids.index_copy(0, torch.tensor([j], device=x.device), x[row][None]),
-                                centroids)
+        centroids = torch.where(empty, centroids.index_copy(0, index[j:j + 1], farthest), centroids)
         # that row is taken: the next empty cluster goes to the next farthest one
-        far = torch.where(empty, torch.minimum(far, ((x - x[row]) ** 2).sum(-1) * (weights > 0)), far)
+        far = torch.where(empty, torch.minimum(far, ((x - farthest) ** 2).sum(-1) * (weights > 0)), far)
     return centroids
 
 

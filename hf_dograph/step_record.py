@@ -64,7 +64,7 @@ def summarize_step(step: StepAccumulator, *, step_number: int, dograph: bool, pe
     decision = step.last_decision
     if decision is not None and decision.domain_weights is not None:
         w = decision.domain_weights.double()
-        ent = -(w[w > 0] * w[w > 0].log()).sum()
+        ent = -torch.special.xlogy(w, w).sum()  # 0 log 0 = 0, without selecting w > 0 (a host read on a GPU)
         metrics.update(weight_entropy=ent, effective_domains=ent.exp(), num_domains=torch.tensor(float(w.numel())))
         if decision.cluster_sizes is not None:
             metrics.update(cluster_size_min=decision.cluster_sizes.double().min(),
@@ -75,7 +75,7 @@ def summarize_step(step: StepAccumulator, *, step_number: int, dograph: bool, pe
         metrics["warmup"] = torch.tensor(1.0 if (decision is not None and decision.warmup) else 0.0)
         if human is not None and decision is not None and decision.domain_weights is not None:
             # agreement of model and human domains, once model domains exist (not during the warm-up)
-            step.nmi_pairs.append((assign[kept], human[kept]))
+            step.nmi_pairs.append((assign, human, kept))  # selected at logging time, on the host
     entry = {"step": step_number, "alpha": alpha, "kept": kept, "assign": assign, "human": human,
              "decision": decision, "per_micro_batch": per_micro_batch, "ess": metrics["ess"]}
     step.reset_samples()
@@ -125,8 +125,9 @@ class StepAccumulator:
             return None
         from .domains import normalized_mutual_information
 
-        model = torch.cat([a for a, _ in self.nmi_pairs]).cpu()
-        human = torch.cat([h for _, h in self.nmi_pairs]).cpu()
+        kept = torch.cat([k for _, _, k in self.nmi_pairs]).cpu()
+        model = torch.cat([a for a, _, _ in self.nmi_pairs]).cpu()[kept]
+        human = torch.cat([h for _, h, _ in self.nmi_pairs]).cpu()[kept]
         self.nmi_pairs = []
         return normalized_mutual_information(model, human) if model.numel() else None
 

@@ -10,6 +10,11 @@ optimizer step, refits included (persistent domains, default objective, one proc
 runs here as on a GPU: on the CPU, where no device exists to wait for, it reads its assignments to stop
 early (`kmeans.lloyd`), which a GPU run does not do.
 
+Patching Python methods cannot see reads made inside C++ (`x[i]` with a 0-dim index tensor, `F.one_hot`'s
+range check) nor ops whose output size depends on the data (boolean-mask selection, `nonzero`): a dispatch-level
+audit (`_SyncOps`) records those issued by hf_dograph's code, and there are none in a step. Copies from the host
+to the device wait too: the domain model runs on the `meta` device to show that its steps make none.
+
 The baseline strategies (`uniform`, `loss_reweighting`, `group_dro`: one ordinary weighted backward, no
 sketches) check the finiteness of that backward's gradients with one read for all parameters, so their count
 does not grow with the model: `uniform` reads three times per micro-batch (whether every sample is usable,
@@ -25,12 +30,18 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_dograph import DoGraphConfig, DoGraphTrainer
 
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2
 
 METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+# Ops that make a GPU wait whoever calls them, also from inside C++ (where patching Python methods cannot see
+# them): a scalar read (`x[i]` with a 0-dim index tensor, `F.one_hot`'s range check), and ops whose output size
+# depends on the data (boolean-mask selection, `nonzero`, `unique`, ...).
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2",
+            "unique_dim", "unique_consecutive", "bincount", "repeat_interleave", "equal"}
 
 
 @contextlib.contextmanager
@@ -56,6 +67,35 @@ def count_host_reads(package: str = "hf_dograph"):
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+
+
+class _SyncOps(TorchDispatchMode):
+    """Records the sync-making ops (SYNC_OPS, and indexing with a boolean mask) issued by hf_dograph's code: the
+    innermost Python frame outside torch decides who issued an op."""
+
+    def __init__(self, package: str = "hf_dograph"):
+        super().__init__()
+        self.package = package
+        self.sites: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        flagged = name in SYNC_OPS
+        if name in ("index", "index_put", "index_put_", "_index_put_impl_") and len(args) > 1:
+            masks = [t for t in (args[1] or []) if isinstance(t, torch.Tensor) and t.dtype in (torch.bool, torch.uint8)]
+            value = args[2] if len(args) > 2 else None
+            # x[mask] = scalar becomes masked_fill_ (no read); x[mask] and x[mask] = tensor select on the host
+            scalar = isinstance(value, torch.Tensor) and value.dim() == 0 and value.device.type == "cpu"
+            flagged = bool(masks) and not (name != "index" and scalar)
+        if flagged:
+            frame = sys._getframe(1)
+            while frame is not None and (frame.f_globals.get("__name__", "").startswith("torch")
+                                         or frame.f_code is _SyncOps.__torch_dispatch__.__code__):
+                frame = frame.f_back
+            module = frame.f_globals.get("__name__", "") if frame is not None else ""
+            if module.startswith(self.package):
+                self.sites.append(f"{module}:{frame.f_lineno} {name}")
+        return func(*args, **(kwargs or {}))
 
 
 def _trainer(tmp_path, accumulation=2, model=None, **settings):
@@ -98,6 +138,96 @@ def test_one_host_read_per_micro_batch_and_none_more_per_optimizer_step(tmp_path
         assert len(first) == 1, first
         assert len(last) == 1, (last, "refit" if dm.refits > refits else "no refit")
     assert dm.refits > refits_before  # the measured steps included refits
+
+
+def test_no_hidden_sync_in_a_step_refits_included(tmp_path, monkeypatch):
+    """What patching Python methods cannot see: reads made inside C++ (`x[row]` with a 0-dim index tensor reads
+    `row`; `F.one_hot` checks its range on the CPU) and ops whose output size depends on the data (`w[w > 0]`,
+    `nonzero`). hf_dograph's own code issues none in a DoGraph step, refits included, on the device's code path.
+    Conservative: an op that reads only on the CPU counts too. (Before: `F.one_hot` in every Lloyd iteration and
+    in the domain statistics, `x[row]` in the re-seeding, `w[w > 0]` in the weight entropy, `z[~finite] = 0`.)"""
+    import hf_dograph.kmeans as km
+
+    monkeypatch.setattr(km, "_stops_early", lambda x, stop_early: False)  # the device's code path
+    trainer = _trainer(tmp_path)
+    dm = trainer.dograph_strategy.model
+    _micro_batch(trainer, 0, last=False)  # the first micro-batch checks the loss split and the exact sums, once
+    with _SyncOps() as audit:  # then: the first fit (end of this step), weighted steps, refits
+        _micro_batch(trainer, 1, last=True)
+        for step in range(1, 8):
+            _micro_batch(trainer, 2 * step, last=False)
+            _micro_batch(trainer, 2 * step + 1, last=True)
+    assert dm.active and dm.refits >= 3
+    assert audit.sites == [], audit.sites
+
+
+def test_the_sync_audit_sees_hidden_reads():
+    """The audit is a test that can fail: a 0-dim index, a boolean mask and F.one_hot, issued from hf_dograph's
+    code, are seen; the same from this test's own code are not."""
+    from hf_dograph import kmeans
+
+    x, row = torch.randn(5, 3), torch.tensor(2)
+    with _SyncOps() as audit:
+        x[row]
+        x[x[:, 0] > 0]
+        torch.nn.functional.one_hot(torch.tensor([0, 1]), 2)
+    assert audit.sites == []
+    with _SyncOps(package="test_host_transfers") as audit:
+        x[row]
+        x[x[:, 0] > 0]
+        x[x[:, 0] > 0] = 0.0  # a scalar through a mask: masked_fill, no read
+    assert [s.split()[-1] for s in audit.sites] == ["_local_scalar_dense", "index"], audit.sites
+    with _SyncOps() as audit:
+        kmeans.nearest(x, x[:2])  # no read
+    assert audit.sites == []
+
+
+def test_the_domain_model_copies_nothing_to_its_device_per_step():
+    """A blocking host→device copy (`cpu_tensor.to(device)`, `torch.tensor(..., device=...)`) waits for the
+    device too. The domain model runs here on the `meta` device (shapes only), where every copy from the host
+    is an op with a CPU input and a meta output: after its first step there (which makes the canonical order's
+    direction once) its steps and refits make none. (Before: that direction and the window's row indices were
+    made on the host every step, and the re-seeding's cluster index at every empty cluster.)"""
+    from hf_dograph.config import DoGraphSettings
+    from hf_dograph.domain_model import PersistentDomains
+
+    settings = DoGraphSettings(num_domains=3, projection_dim=16, domain_window=64, domain_warmup_samples=32,
+                               domain_refit_steps=2)
+    dm = PersistentDomains(settings)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(device):
+        rows = (torch.randn(8, 16, generator=g), torch.rand(8, generator=g), torch.full((8,), 5.0), torch.ones(8))
+        return [t.to(device) for t in rows]
+
+    for _ in range(6):
+        dm.observe(*batch("cpu"))
+        dm.end_step()
+    meta, tensors = dm.state_dict()
+    dm.load_state_dict(meta, tensors, device="meta")
+    batches = [batch("meta") for _ in range(5)]
+    dm.observe(*batches[0])
+    dm.end_step()
+
+    copies = []
+
+    class HostToDevice(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            outs = out if isinstance(out, (tuple, list)) else [out]
+            host_in = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in args)
+            if host_in and any(isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
+                copies.append(str(func))
+            return out
+
+    refits = dm.refits
+    with HostToDevice():
+        for b in batches[1:]:
+            dm.sample_weights(b[0])
+            dm.observe(*b)
+            dm.end_step()
+    assert dm.refits > refits  # refits ran on the meta device too
+    assert copies == [], copies
 
 
 def _reads_per_micro_batch(tmp_path, n_layer, **settings) -> list[int]:

@@ -338,7 +338,7 @@ class FactoredEngine(GradEngine):
         # checking the k entries of z finds what checking the D₂ entries of the blocks would (and also a sketch
         # that overflowed, which would be as unusable).
         finite = torch.isfinite(z).all(dim=1)
-        z[~finite] = 0.0
+        z.masked_fill_(~finite.unsqueeze(1), 0.0)  # a mask, not boolean indexing: nothing read on the host
         self._z, self._finite, self._exact = z, finite, sink.exact
 
     def _hash(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -90,7 +90,9 @@ class EmbeddingHandler(DeferredHandler):
         for rec in self.done_records():
             ids, d, valid = self._rows(rec, layout)
             p_rows = slot.projection(0, ids.device, torch.float32)  # (V, f_V), or None = identity
-            u = F.one_hot(ids, self.num).float() if p_rows is None else p_rows[ids]  # (B, T, f_V)
+            # (B, T, f_V); identity: a comparison, not F.one_hot, which reads the ids' range on the host (CPU)
+            u = (ids.unsqueeze(-1) == torch.arange(self.num, device=ids.device)).float() if p_rows is None \
+                else p_rows[ids]
             if valid is not None:
                 u = u * valid.unsqueeze(-1)
             v = slot.project(d, 1).float()  # (B, T, f_D)
