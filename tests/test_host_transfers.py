@@ -13,7 +13,8 @@ early (`kmeans.lloyd`), which a GPU run does not do.
 Patching Python methods cannot see reads made inside C++ (`x[i]` with a 0-dim index tensor, `F.one_hot`'s
 range check) nor ops whose output size depends on the data (boolean-mask selection, `nonzero`): a dispatch-level
 audit (`_SyncOps`) records those issued by hf_dograph's code, and there are none in a step. Copies from the host
-to the device wait too: the domain model runs on the `meta` device to show that its steps make none.
+to the device wait too: the factored engine and the domain model run on the `meta` device to show that their
+steps make none after the first.
 
 The baseline strategies (`uniform`, `loss_reweighting`, `group_dro`: one ordinary weighted backward, no
 sketches) check the finiteness of that backward's gradients with one read for all parameters, so their count
@@ -182,6 +183,23 @@ def test_the_sync_audit_sees_hidden_reads():
     assert audit.sites == []
 
 
+class _HostToDevice(TorchDispatchMode):
+    """Records every op with a host tensor input (not a 0-dim scalar) and a `meta` output: on a real device,
+    a copy that waits for it."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        host_in = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in args)
+        if host_in and any(isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
+            self.copies.append(str(func))
+        return out
+
+
 def test_the_domain_model_copies_nothing_to_its_device_per_step():
     """A blocking host→device copy (`cpu_tensor.to(device)`, `torch.tensor(..., device=...)`) waits for the
     device too. The domain model runs here on the `meta` device (shapes only), where every copy from the host
@@ -209,25 +227,54 @@ def test_the_domain_model_copies_nothing_to_its_device_per_step():
     dm.observe(*batches[0])
     dm.end_step()
 
-    copies = []
-
-    class HostToDevice(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            outs = out if isinstance(out, (tuple, list)) else [out]
-            host_in = any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in args)
-            if host_in and any(isinstance(o, torch.Tensor) and o.device.type == "meta" for o in outs):
-                copies.append(str(func))
-            return out
-
     refits = dm.refits
-    with HostToDevice():
+    with _HostToDevice() as audit:
         for b in batches[1:]:
             dm.sample_weights(b[0])
             dm.observe(*b)
             dm.end_step()
     assert dm.refits > refits  # refits ran on the meta device too
-    assert copies == [], copies
+    assert audit.copies == [], audit.copies
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_the_factored_engine_copies_nothing_to_its_device_after_its_first_step(arch, monkeypatch):
+    """The factored engine on a model on the `meta` device: forward, backward, sketch and weighted gradient. Its
+    first micro-batch makes the projections and the CountSketch's hash on the device, once; after that no op
+    takes a host tensor to the device. (The first-step checks that read values are skipped: meta has none.)"""
+    import torch.nn.functional as F
+
+    import hf_dograph.sketch.layers.base as layers_base
+    from hf_dograph.sketch.factored import FactoredEngine
+    from tiny_models import tiny_llama
+
+    real = layers_base.gaussian_matrix
+    # meta has no random generator: draw on the host and copy (once per device, like any first step)
+    monkeypatch.setattr(layers_base, "gaussian_matrix", lambda *a, device="cpu", **k: real(*a, **k).to(device))
+    model = (tiny_gpt2 if arch == "gpt2" else tiny_llama)()
+    model.to_empty(device="meta")
+    engine = FactoredEngine(model, projection_dim=64, seed=0)
+    engine._validated = engine._buffers.done = True  # the first-step checks compare values
+
+    ids = torch.empty(4, 12, dtype=torch.long, device="meta")
+    positions = torch.arange(12, device="meta").expand(4, -1)
+
+    def micro_batch():
+        with engine.capturing():
+            logits = model(input_ids=ids, position_ids=positions).logits
+            losses = F.cross_entropy(logits.flatten(0, 1), ids.flatten(), reduction="none").view(4, -1).mean(1)
+            engine.backward(losses)
+        assert engine.sketches().device.type == "meta"
+        engine.accumulate_weighted_gradient(torch.full((4,), 0.25, device="meta"), nonfinite_left_out=False)
+        engine.clear()
+
+    with _HostToDevice() as first:
+        micro_batch()
+    assert first.copies  # the projections and the hash: the check sees copies
+    with _HostToDevice() as later:
+        micro_batch()
+        micro_batch()
+    assert later.copies == [], later.copies
 
 
 def _reads_per_micro_batch(tmp_path, n_layer, **settings) -> list[int]:

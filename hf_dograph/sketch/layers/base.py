@@ -35,8 +35,9 @@ from .record import register_recipient
 
 
 def autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The lower-precision dtype that autocast would run a matmul in right now, or None."""
-    if torch.is_autocast_enabled(device_type):
+    """The lower-precision dtype that autocast would run a matmul in right now, or None (also on a device type
+    autocast does not know)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return None
 

@@ -20,6 +20,8 @@ t ∈ s: the tokens of sample s — a row of the batch, or a packed segment (`Sa
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,7 +51,8 @@ class _DeferredLinear(torch.autograd.Function):
         # Autocast is honoured by hand, the way it treats linear/addmm: inputs cast to its dtype. The casts
         # are made here (not by autocast inside) so that the tensors saved for backward are known.
         dt = autocast_dtype(x.device.type)
-        with torch.autocast(x.device.type, enabled=False):
+        # (autocast off inside; when it is not on, there is nothing to switch off)
+        with torch.autocast(x.device.type, enabled=False) if dt is not None else contextlib.nullcontext():
             xc, wc, bc = cast(x, dt), cast(weight, dt), cast(bias, dt)
             if transposed:
                 flat = xc.reshape(-1, xc.shape[-1])
