@@ -41,7 +41,7 @@ METHODS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 # Ops that make a GPU wait whoever calls them, also from inside C++ (where patching Python methods cannot see
 # them): a scalar read (`x[i]` with a 0-dim index tensor, `F.one_hot`'s range check), and ops whose output size
 # depends on the data (boolean-mask selection, `nonzero`, `unique`, ...).
-SYNC_OPS = {"_local_scalar_dense", "nonzero", "nonzero_static", "masked_select", "unique", "_unique", "_unique2",
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique", "_unique2",
             "unique_dim", "unique_consecutive", "bincount", "repeat_interleave", "equal"}
 
 
