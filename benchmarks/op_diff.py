@@ -18,7 +18,6 @@ step times from `step_cost.py`.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -27,7 +26,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import MODELS, lm_batches, model_for, optimizer_step, prepare_for_steps, step_args  # noqa: E402
+from step_cost import MODELS, lm_batches, optimizer_step, plain_and_dograph, prepare_for_steps  # noqa: E402
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 
@@ -75,19 +74,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--json", help="also write the totals and every op's row to this JSON file")
     a = ap.parse_args(argv)
 
-    from transformers import Trainer, TrainingArguments
-
-    from hf_dograph import DoGraphConfig, DoGraphTrainer
-
-    spec = {"model": a.model, "batch": a.batch, "seq": a.seq, "device": a.device, "seed": 0}
-    base = model_for(spec)
-    common = step_args("op_diff", a.batch, a.device, bf16=a.bf16)
-    trainers = {
-        "plain": Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common)),
-        "dograph": DoGraphTrainer(model=copy.deepcopy(base), args=DoGraphConfig(**common,
-                                                                                domain_warmup_samples=a.batch)),
-    }
-    del base
+    spec = {"model": a.model, "batch": a.batch, "seq": a.seq, "device": a.device, "seed": 0, "bf16": a.bf16}
+    plain, dograph = plain_and_dograph(spec, "op_diff")
+    trainers = {"plain": plain, "dograph": dograph}
     batches = lm_batches(spec, a.warmup + a.steps)
     prepare_for_steps(trainers.values(), len(batches))
     result = {}

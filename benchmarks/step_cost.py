@@ -85,6 +85,24 @@ def step_args(name: str, batch: int, device: str, **overrides) -> dict:
     return args
 
 
+def plain_and_dograph(spec: dict, name: str, **dograph) -> tuple:
+    """(plain `Trainer`, `DoGraphTrainer`) on two copies of the GPT-2 of `spec` (the same init), with `step_args`;
+    DoGraph's domains are fitted after one batch, so that the measured steps weight their samples. `dograph`:
+    more `DoGraphConfig` fields."""
+    import copy
+
+    from transformers import Trainer, TrainingArguments
+
+    from hf_dograph import DoGraphConfig, DoGraphTrainer
+
+    base = model_for(spec)
+    common = step_args(name, spec["batch"], spec["device"], bf16=spec.get("bf16", False))
+    plain = Trainer(model=copy.deepcopy(base), args=TrainingArguments(**common))
+    dograph = DoGraphTrainer(model=copy.deepcopy(base), args=DoGraphConfig(
+        **common, domain_warmup_samples=spec["batch"], **dograph))
+    return plain, dograph
+
+
 def prepare_for_steps(trainers, num_training_steps: int) -> None:
     """What `Trainer.train()` sets up before its first step, for trainers stepped by hand: optimizer and scheduler,
     no gradient accumulation."""
@@ -195,24 +213,12 @@ def run_paired(spec: dict) -> dict:
     what `Trainer.train()` does per optimizer step: `training_step` (forward, backward; DoGraph's clustering
     and weighted gradient), gradient clipping, optimizer and scheduler step, zero_grad."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import copy
-
-    from transformers import Trainer, TrainingArguments
-
-    from hf_dograph import DoGraphConfig, DoGraphTrainer
-
     device = spec["device"]
-    batch = spec["batch"]
     rounds = spec["warmup"] + spec["steps"]
-    base_model = model_for(spec)
     batches = lm_batches(spec, rounds)
-    common = step_args("step_cost", batch, device, bf16=spec.get("bf16", False))
-    trainers = {
-        "plain": Trainer(model=copy.deepcopy(base_model), args=TrainingArguments(**common)),
-        "factored": DoGraphTrainer(model=copy.deepcopy(base_model), args=DoGraphConfig(
-            **common, grad_engine="factored", projection_dim=spec["projection_dim"], domain_warmup_samples=batch)),
-    }
-    del base_model
+    plain, factored = plain_and_dograph(spec, "step_cost", grad_engine="factored",
+                                        projection_dim=spec["projection_dim"])
+    trainers = {"plain": plain, "factored": factored}
     prepare_for_steps(trainers.values(), rounds)
 
     wall, cpu = paired_rounds(trainers, batches, device)

@@ -39,7 +39,7 @@ from typing import Callable
 
 import torch
 
-from .kmeans import kmeans, nearest, refine
+from .kmeans import kmeans, nearest, one_hot, refine
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class PersistentDomains:
         self.multipliers: torch.Tensor | None = None  # v per domain (m,)
         self.stats: dict[str, torch.Tensor] = {}
         self._pending: list[tuple[torch.Tensor, ...]] = []
-        self._order_direction: tuple | None = None  # ((dim, device), canonical_order's direction there)
+        self._order_direction: torch.Tensor | None = None  # canonical_order's, made once on the sketches' device
 
     # ------------------------------------------------------------------ during the optimizer step
     @property
@@ -136,11 +136,10 @@ class PersistentDomains:
         packed = torch.cat([rows[0], torch.stack(rows[1:], dim=1)], dim=1)  # (n, k + 3)
         if gather is not None:
             packed = gather(packed)
-        key = (packed.shape[1], packed.device)
-        if self._order_direction is None or self._order_direction[0] != key:
-            self._order_direction = (key, order_direction(packed.shape[1], self.settings.projection_seed,
-                                                          packed.device))
-        packed = packed[canonical_order(packed, self.settings.projection_seed, self._order_direction[1])]
+        d = self._order_direction
+        if d is None or d.shape[0] != packed.shape[1] or d.device != packed.device:
+            d = self._order_direction = order_direction(packed.shape[1], self.settings.projection_seed, packed.device)
+        packed = packed[canonical_order(packed, self.settings.projection_seed, d)]
         self._insert(packed)
         self.samples_seen += int(packed.shape[0])
         self.steps += 1
@@ -202,8 +201,7 @@ class PersistentDomains:
         """Statistics of every domain from the window, the objective's weights, smoothing, multipliers."""
         s = self.settings
         z, valid = self.z, self.valid
-        # (W, m); a comparison, not F.one_hot, which reads the indices' range on the host (on the CPU)
-        onehot = (self.domain.unsqueeze(-1) == torch.arange(self.m, device=z.device)).to(z.dtype) * valid[:, None]
+        onehot = one_hot(self.domain, self.m, z.dtype) * valid[:, None]  # (W, m)
         counts = onehot.sum(0)
         item_mass = (onehot * self.items[:, None]).sum(0)
         freq = item_mass / item_mass.sum().clamp(min=1e-30)

@@ -40,6 +40,12 @@ def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return (x2[..., :, None] - 2.0 * cross + c2[..., None, :]).clamp_(min=0.0)
 
 
+def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """(..., m) indicator rows of `index` (values in 0..m-1) in `dtype`: a comparison, not `F.one_hot`, which
+    reads the indices' range on the host (on the CPU) to check them."""
+    return (index.unsqueeze(-1) == torch.arange(m, device=index.device)).to(dtype)
+
+
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     """Index of the nearest centroid of each row, (..., N): argmin_j ‖c_j‖² − 2⟨x, c_j⟩ — the squared distance
     without the row's own ‖x‖², which does not change the argmin and would cost a pass over x."""
@@ -91,8 +97,7 @@ def lloyd(x: torch.Tensor, weights: torch.Tensor, centroids: torch.Tensor, iters
             if previous is not None and torch.equal(assign, previous):
                 break
             previous = assign
-        # (R, N, m); a comparison, not F.one_hot, which reads the indices' range on the host (on the CPU)
-        onehot = (assign.unsqueeze(-1) == torch.arange(m, device=x.device)).to(x.dtype) * weights[None, :, None]
+        onehot = one_hot(assign, m, x.dtype) * weights[None, :, None]  # (R, N, m)
         counts = onehot.sum(dim=1)  # (R, m)
         sums = torch.matmul(onehot.transpose(1, 2), x)  # (R, m, k)
         means = sums / counts.clamp(min=1e-30)[..., None]
