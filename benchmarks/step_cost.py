@@ -43,6 +43,9 @@ MODELS = {  # name → (n_layer, n_embd, vocabulary)
     "4x256": (4, 256, 8192),
     "6x512": (6, 512, 8192),
     "12x768": (12, 768, 50257),  # GPT-2 small (124M)
+    # GPT-2 small's graph (12 blocks, the same layers and ops per step) at negligible arithmetic: with B = 2,
+    # T = 8 a step is its host work (Python, dispatch), what a GPU waits for when a step is host-bound.
+    "12x64": (12, 64, 259),
 }
 # The grid of the project's issue on step cost: (model, batch, sequence length).
 GRID = [("2x64", 16, 128), ("2x128", 32, 128), ("4x256", 16, 256), ("6x512", 8, 256)]

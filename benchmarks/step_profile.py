@@ -15,6 +15,7 @@ synchronization around each, so that the time lands in the phase that queued the
 
     python benchmarks/step_profile.py                       # tiny default (2x64) and 4x256, 60 steps each
     python benchmarks/step_profile.py --models 2x64 --steps 40 --json out.json
+    python benchmarks/step_profile.py --models 12x64 --steps 200   # host work by phase (GPT-2 small's graph)
 
 Steps are measured after DoGraph's warm-up (domains fitted at the first step) and cover whole refit periods,
 so the refits' cost is included at its amortized rate. Plain and DoGraph steps alternate (order flipped each
@@ -236,7 +237,8 @@ def main(argv=None) -> int:
     import transformers
 
     transformers.logging.set_verbosity_error()
-    defaults = {"2x64": (16, 128), "2x128": (32, 128), "4x256": (16, 256), "6x512": (8, 256), "12x768": (16, 512)}
+    defaults = {"2x64": (16, 128), "2x128": (32, 128), "4x256": (16, 256), "6x512": (8, 256), "12x768": (16, 512),
+                "12x64": (2, 8)}  # GPT-2 small's graph at negligible arithmetic: the phases' host work
     results = []
     for name in a.models.split(","):
         batch, seq = defaults[name]

@@ -52,12 +52,16 @@ from .layers.base import add_to_grad, weighted_sum
 from .layers.generic import is_norm_layer
 from .layout import SampleLayout
 from .projection import _block_seed
+from .tensors import as_device, as_rows
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_FACTOR_DIM = 32
 DEFAULT_FORM_BELOW = 0.5
 _STREAM_OFFSET = 1 << 20  # keeps this engine's random streams apart from the reference engine's
+
+
+_NO_CONTEXT = contextlib.nullcontext()
 
 
 @contextlib.contextmanager
@@ -216,7 +220,9 @@ class FactoredEngine(GradEngine):
 
     def small_ops(self, device: torch.device):
         """Context for the engine's small, memory-bound ops (projections, scalings): see `cpu_sketch_threads`."""
-        return _intra_op_threads(self.cpu_sketch_threads if device.type == "cpu" else None)
+        if not self.cpu_sketch_threads or device.type != "cpu":
+            return _NO_CONTEXT  # (entered per layer: a generator-based context would be host time for nothing)
+        return _intra_op_threads(self.cpu_sketch_threads)
 
     def describe(self) -> dict:
         """Which parameters take which path (for logs, tests and the benchmark)."""
@@ -329,7 +335,7 @@ class FactoredEngine(GradEngine):
                 block = sink.exact.get(id(p))
             if block is None:  # not used by this batch: its gradient is 0
                 block = torch.zeros(batch, self._block_sizes[len(blocks)], device=device)
-            blocks.append(block.reshape(batch, -1).to(device))
+            blocks.append(as_device(as_rows(block, batch), device))
         flat = torch.cat(blocks, dim=1)
         bucket, sign = self._hash(device)
         z = torch.zeros(batch, self.projection_dim, dtype=torch.float32, device=device)
@@ -423,7 +429,8 @@ class FactoredEngine(GradEngine):
                 # The small parameters' Σ_s coef_s g_s in one product, not one small one per parameter (a model
                 # has a few of them per block: on a GPU each would be a kernel launch, on a CPU a dispatch).
                 totals = weighted_sum(torch.cat([g for _, g in local], dim=1), coef, bad)
-                for (p, _), total in zip(local, totals.split([g.shape[1] for _, g in local])):
+                # Split into tensors of their own (one op): views of `totals` would each be cloned as .grad.
+                for (p, _), total in zip(local, torch.split_with_sizes_copy(totals, [g.shape[1] for _, g in local])):
                     add_to_grad(p, total)
             if sharded:
                 _fsdp.all_reduce_into_grads(sharded, fulls)

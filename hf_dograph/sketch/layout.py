@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from .tensors import as_dtype
+
 
 class SampleLayout:
     """The map from tokens of a (B, T) batch to samples 0..S-1 (see the module docstring).
@@ -126,6 +128,8 @@ class SampleLayout:
             raise ValueError(f"{what}: expected a batch-first tensor with batch size {b}, got shape {tuple(x.shape)} "
                              "(pass position_ids expanded to (B, T))")
         if self.is_rows:
+            if x.dim() == 3 and x.shape[2] == features:  # already (B, tokens, features)
+                return x
             return x.reshape(b, -1, features)
         t = self.seq_len
         if x.shape[1] != t or x.numel() != b * t * features:
@@ -163,7 +167,7 @@ class SampleLayout:
         Tokens of samples in `drop` (S,) bool — and, for segments, tokens of no sample — are exact zeros
         (0 · NaN would be NaN)."""
         if self.is_rows:
-            out = x * coef.to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+            out = x * as_dtype(coef, x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
             if drop is not None:  # a mask, not boolean indexing: no device→host read
                 out.masked_fill_(drop.reshape(-1, *([1] * (x.dim() - 1))), 0)
             return out

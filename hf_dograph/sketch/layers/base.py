@@ -31,6 +31,7 @@ from torch import nn
 
 from ..layout import SampleLayout
 from ..projection import gaussian_matrix
+from ..tensors import as_dtype, as_float, as_rows
 from .record import register_recipient
 
 
@@ -127,12 +128,12 @@ class SketchSink:
 
     def add_factored(self, param: nn.Parameter, s: torch.Tensor) -> None:
         key = id(param)
-        s = s.float()
+        s = as_float(s)
         self.factored[key] = s if key not in self.factored else self.factored[key] + s
 
     def add_exact(self, param: nn.Parameter, g: torch.Tensor) -> None:
         key = id(param)
-        g = g.float().reshape(self.num_samples, -1)
+        g = as_rows(as_float(g), self.num_samples)
         self.exact[key] = g if key not in self.exact else self.exact[key] + g
 
 
@@ -325,7 +326,9 @@ def weighted_sum(per_sample: torch.Tensor, coef: torch.Tensor, bad: torch.Tensor
 
 
 def add_to_grad(param: nn.Parameter, contrib: torch.Tensor) -> None:
-    contrib = contrib.reshape(param.shape).to(param.dtype)
+    if contrib.shape != param.shape:
+        contrib = contrib.reshape(param.shape)
+    contrib = as_dtype(contrib, param.dtype)
     if param.grad is None:
         param.grad = contrib.clone() if contrib._base is not None else contrib
     else:

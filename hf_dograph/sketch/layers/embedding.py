@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..scaled_embedding import embedding_scale, is_plain_embedding, is_scaled_embedding
+from ..tensors import as_dtype, as_float
 from .registry import register_layer
 from .base import CallRecord, DeferredHandler, SketchSink
 from .record import compiling, record
@@ -95,7 +96,7 @@ class EmbeddingHandler(DeferredHandler):
                 else p_rows[ids]
             if valid is not None:
                 u = u * valid.unsqueeze(-1)
-            v = slot.project(d, 1).float()  # (B, T, f_D)
+            v = as_float(slot.project(d, 1))  # (B, T, f_D)
             s = torch.bmm(layout.padded(u).transpose(1, 2), layout.padded(v))
             sink.add_factored(self.weight, s if scale == 1.0 else s * scale)
 
@@ -112,4 +113,4 @@ class EmbeddingHandler(DeferredHandler):
                 g = self.engine.grad_target(p, create=True)  # .grad, or under FSDP2 a full-size buffer
                 # index_add_ accumulates in index order on CPU (bit-reproducible); index_put_(accumulate=True)
                 # uses atomic adds across threads and is not.
-                g.index_add_(0, ids.reshape(-1), d.reshape(-1, self.dim).to(g.dtype))
+                g.index_add_(0, ids.reshape(-1), as_dtype(d.reshape(-1, self.dim), g.dtype))

@@ -82,9 +82,12 @@ class TappedHandler(PatchedHandler):
         if compiling() and tensor_inputs and isinstance(out, torch.Tensor) and out.requires_grad:
             return _RecordOutputGrad.apply(self.key, True, out, *args)
         rec = CallRecord()
-        rec.tensors["args"] = tree_map(_detach, args)
-        rec.tensors["kwargs"] = tree_map(_detach, kwargs)
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        if tensor_inputs and isinstance(out, torch.Tensor):  # the usual norm call: no pytree walks (host time)
+            rec.tensors["args"], rec.tensors["kwargs"], outs = tuple(a.detach() for a in args), {}, [out]
+        else:
+            rec.tensors["args"] = tree_map(_detach, args)
+            rec.tensors["kwargs"] = tree_map(_detach, kwargs)
+            outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         rec.tensors["deltas"] = [None] * len(outs)
         for j, t in enumerate(outs):
             if t.requires_grad:

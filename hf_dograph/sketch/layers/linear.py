@@ -35,6 +35,7 @@ from .base import (
     cast,
     weighted_sum,
 )
+from ..tensors import as_dtype, as_float
 from .record import compiling, record
 
 try:  # HF's GPT-2 style "Conv1D": y = x @ W + b with W stored (in, out)
@@ -134,8 +135,8 @@ class LinearHandler(DeferredHandler):
             return None
         left, right = (a, d) if self.transposed else (d, a)  # the parameter's layout, as in `collect`
         # G_s = Σ_{t∈s} left_t right_tᵀ for every sample at once: one batched matmul, the plain dW's flops
-        g = torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(right.to(left.dtype))).float()
-        bias = layout.sum_tokens(d.float()) if self.bias is not None else None
+        g = as_float(torch.bmm(layout.padded(left).transpose(1, 2), layout.padded(as_dtype(right, left.dtype))))
+        bias = layout.sum_tokens(as_float(d)) if self.bias is not None else None
         return {"per_sample": g, "bias": bias}
 
     # ------------------------------------------------------------------ after the backward
@@ -178,11 +179,11 @@ class LinearHandler(DeferredHandler):
                 # The slot is laid out like the parameter: rows = out for Linear, in for Conv1D.
                 left, right = (a, d) if self.transposed else (d, a)
                 # Project first (f columns), then gather each sample's tokens: the copy is f wide.
-                u = layout.padded(slot.project(left, 0).float())
-                v = layout.padded(slot.project(right.to(left.dtype), 1).float())
+                u = layout.padded(as_float(slot.project(left, 0)))
+                v = layout.padded(as_float(slot.project(as_dtype(right, left.dtype), 1)))
                 sink.add_factored(self.weight, torch.bmm(u.transpose(1, 2), v))
             if self.bias is not None:
-                sink.add_exact(self.bias, layout.sum_tokens(d.float()))
+                sink.add_exact(self.bias, layout.sum_tokens(as_float(d)))
 
     def accumulate(self, coef: torch.Tensor, bad: torch.Tensor | None, layout) -> None:
         if self.weight is None:
@@ -194,7 +195,7 @@ class LinearHandler(DeferredHandler):
                 continue
             d, a = self._rows(rec, layout)
             with self.engine.small_ops(d.device):
-                a = a.to(d.dtype)
+                a = as_dtype(a, d.dtype)
                 # Scale whichever side is narrower: the temporary is then the smaller of the two. The other
                 # side gets exact zeros where the scaled one does (0 · NaN would be NaN); δ is the engine's
                 # own tensor, so in place.

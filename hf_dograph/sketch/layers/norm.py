@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..tensors import as_float
 from .registry import register_layer
 from .base import CallRecord, SketchSink
 from .generic import TappedHandler
@@ -48,10 +49,10 @@ class LayerNormHandler(TappedHandler):
         for s in shape:
             numel *= s
         what = f"{self.name} (LayerNorm)"
-        d = layout.token_view(d.float(), numel, what)
+        d = layout.token_view(as_float(d), numel, what)
         sums = {}
         if m.weight is not None and m.weight.requires_grad:
-            xhat = layout.token_view(F.layer_norm(x.float(), shape, None, None, m.eps), numel, what)
+            xhat = layout.token_view(F.layer_norm(as_float(x), shape, None, None, m.eps), numel, what)
             sums["weight"] = layout.sum_tokens(d * xhat)
         if m.bias is not None and m.bias.requires_grad:
             sums["bias"] = layout.sum_tokens(d)

@@ -1,0 +1,31 @@
+"""Tensor conversions that return their input when nothing would change.
+
+`t.float()`, `t.to(dtype)` and `t.reshape(...)` on a tensor that already has that dtype or shape return it
+(or a view) but still pass through torch's dispatcher, ~1.5 µs each on a CPU. The engine makes a few such calls
+per layer per micro-batch (≈ 1,300 per step on GPT-2 small's 12 blocks, measured: BENCHMARKS.md, "Host work
+per step"); on a GPU that is host time the device may wait for. These check in Python first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)`, or `t` itself when it already has that dtype."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """`t.float()`, or `t` itself when it is already float32."""
+    return t if t.dtype == torch.float32 else t.float()
+
+
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """`t.reshape(n, -1)`, or `t` itself when it is already (n, m)."""
+    return t if t.dim() == 2 and t.shape[0] == n else t.reshape(n, -1)
+
+
+def as_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t.to(device)`, or `t` itself when it is already there."""
+    return t if t.device == device else t.to(device)
