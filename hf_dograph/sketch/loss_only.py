@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .base import GradEngine, resolve_layout
-from .fsdp import full_value
+from .fsdp import full_value, is_sharded
 from .layout import SampleLayout
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,7 @@ class LossOnlyEngine(GradEngine):
         # One device→host read for the whole check, not one per parameter: are the losses finite (the trainer
         # redoes a micro-batch with a non-finite loss per sample, so they must be), and is every new gradient?
         flags = [torch.isfinite(losses.detach()).all()]
-        # (a flag of an FSDP2-sharded gradient is a DTensor: `full_value` gathers it, a collective, no host read)
-        flags += [full_value(torch.isfinite(g).all()) for g in new if g is not None]
+        flags += _all_finite_flags([g for g in new if g is not None], flags[0].device)
         losses_finite, *grads_finite = torch.stack(flags).tolist()
         if not losses_finite:
             for (_, p), old in zip(self.params, saved):
@@ -124,3 +123,23 @@ class LossOnlyEngine(GradEngine):
 
     def clear(self) -> None:
         self._losses = None
+
+
+def _all_finite_flags(grads: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """0-dim bool tensors on `device`, together true exactly when every entry of every gradient is finite.
+
+    One `_foreach_norm` of order ∞ (max |g|) per device and dtype for all plain tensors, a handful of ops rather than
+    `isfinite(g).all()`'s ~5 per parameter (900 per step on GPT-2 small's 150 parameters: host time a GPU waits
+    for). Max |g| is non-finite exactly when some entry is: inf stays inf, NaN propagates through the max, and
+    unlike a 2-norm it cannot overflow on finite entries. A flag of an FSDP2-sharded gradient is a DTensor:
+    `full_value` gathers it (a collective, no host read)."""
+    flags, groups = [], {}
+    for g in grads:
+        if is_sharded(g):
+            flags.append(full_value(torch.isfinite(g).all()))
+        else:
+            groups.setdefault((g.device, g.dtype), []).append(g)
+    for tensors in groups.values():
+        max_abs = torch.stack(torch._foreach_norm(tensors, float("inf")))
+        flags.append(torch.isfinite(max_abs).all().to(device))
+    return flags
