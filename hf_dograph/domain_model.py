@@ -39,7 +39,8 @@ from typing import Callable
 
 import torch
 
-from .kmeans import kmeans, nearest, one_hot, refine
+from .kmeans import kmeans, nearest, refine
+from .tensors import one_hot
 
 logger = logging.getLogger(__name__)
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from .tensors import one_hot
+
 
 def _centroid_terms(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(‖c_j‖² (..., m), ⟨x_i, c_j⟩ (..., N, m)): the parts of ‖x_i − c_j‖² that involve the centroids."""
@@ -38,12 +40,6 @@ def squared_distances(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     x2 = (x * x).sum(-1)
     c2, cross = _centroid_terms(x, centroids)
     return (x2[..., :, None] - 2.0 * cross + c2[..., None, :]).clamp_(min=0.0)
-
-
-def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
-    """(..., m) indicator rows of `index` (values in 0..m-1) in `dtype`: a comparison, not `F.one_hot`, which
-    reads the indices' range on the host (on the CPU) to check them."""
-    return (index.unsqueeze(-1) == torch.arange(m, device=index.device)).to(dtype)
 
 
 def nearest(x: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 `t.float()`, `t.to(dtype)`, `t.reshape(shape)` on a tensor that already has that dtype or shape return it (or a
 view of it) but still cost a dispatch on the host (~1.5 µs each on a CPU); the engine used to make ~1,300 of them
 per step on GPT-2 small's 12 blocks, ~17 per recorded layer (BENCHMARKS.md, "Host work per step"). On a GPU such
-host time is what the device waits for when a step is host-bound. `hf_dograph.sketch.tensors` converts only
+host time is what the device waits for when a step is host-bound. `hf_dograph.tensors` converts only
 where something changes; this test keeps it so: the no-op conversions issued by hf_dograph's code in a step must
 not grow with the number of layers.
 """
@@ -17,7 +17,7 @@ from datasets import Dataset
 from torch.overrides import TorchFunctionMode
 
 from hf_dograph import DoGraphConfig, DoGraphTrainer
-from hf_dograph.sketch.tensors import as_device, as_dtype, as_float, as_rows
+from hf_dograph.tensors import as_device, as_dtype, as_float, as_rows
 
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2
 
@@ -71,7 +71,7 @@ def test_no_op_conversions_do_not_grow_with_the_layers(tmp_path):
     """GPT-2 with 1 and 3 blocks (2 × 6 more recorded layers): the same count, step by step, after the engine's
     first micro-batch (which checks its exact path against autograd once, per parameter). What is left is a
     fixed handful per step (16–19: the trainer's and the domain model's per-step tensors). Before
-    `sketch/tensors.py` every recorded layer added ~17 (measured on GPT-2 small's graph)."""
+    `tensors.py` every recorded layer added ~17 (measured on GPT-2 small's graph)."""
     one = _noop_conversions_per_step(tmp_path / "one", 1)[1:]
     three = _noop_conversions_per_step(tmp_path / "three", 3)[1:]
     assert one == three, (one, three)

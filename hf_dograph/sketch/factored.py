@@ -52,7 +52,7 @@ from .layers.base import add_to_grad, weighted_sum
 from .layers.generic import is_norm_layer
 from .layout import SampleLayout
 from .projection import _block_seed
-from .tensors import as_device, as_rows
+from ..tensors import as_device, as_rows
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from .tensors import as_dtype
+from ..tensors import as_dtype
 
 
 class SampleLayout:

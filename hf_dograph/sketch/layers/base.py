@@ -31,7 +31,7 @@ from torch import nn
 
 from ..layout import SampleLayout
 from ..projection import gaussian_matrix
-from ..tensors import as_dtype, as_float, as_rows
+from ...tensors import as_dtype, as_float, as_rows
 from .record import register_recipient
 
 
@@ -44,9 +44,9 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
 
 
 def cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
-    if t is None or dtype is None or not t.is_floating_point() or t.dtype == dtype:
+    if t is None or dtype is None or not t.is_floating_point():
         return t
-    return t.to(dtype)
+    return as_dtype(t, dtype)
 
 
 class WeightSlot:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..scaled_embedding import embedding_scale, is_plain_embedding, is_scaled_embedding
-from ..tensors import as_dtype, as_float
+from ...tensors import as_dtype, as_float, one_hot
 from .registry import register_layer
 from .base import CallRecord, DeferredHandler, SketchSink
 from .record import compiling, record
@@ -91,9 +91,7 @@ class EmbeddingHandler(DeferredHandler):
         for rec in self.done_records():
             ids, d, valid = self._rows(rec, layout)
             p_rows = slot.projection(0, ids.device, torch.float32)  # (V, f_V), or None = identity
-            # (B, T, f_V); identity: a comparison, not F.one_hot, which reads the ids' range on the host (CPU)
-            u = (ids.unsqueeze(-1) == torch.arange(self.num, device=ids.device)).float() if p_rows is None \
-                else p_rows[ids]
+            u = one_hot(ids, self.num, torch.float32) if p_rows is None else p_rows[ids]  # (B, T, f_V)
             if valid is not None:
                 u = u * valid.unsqueeze(-1)
             v = as_float(slot.project(d, 1))  # (B, T, f_D)

@@ -35,7 +35,7 @@ from .base import (
     cast,
     weighted_sum,
 )
-from ..tensors import as_dtype, as_float
+from ...tensors import as_dtype, as_float
 from .record import compiling, record
 
 try:  # HF's GPT-2 style "Conv1D": y = x @ W + b with W stored (in, out)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..tensors import as_float
+from ...tensors import as_float
 from .registry import register_layer
 from .base import CallRecord, SketchSink
 from .generic import TappedHandler

@@ -1,9 +1,13 @@
-"""Tensor conversions that return their input when nothing would change.
+"""Small tensor helpers that keep host work and host reads out of a training step.
 
+Conversions that return their input when nothing would change (`as_dtype`, `as_float`, `as_rows`, `as_device`):
 `t.float()`, `t.to(dtype)` and `t.reshape(...)` on a tensor that already has that dtype or shape return it
 (or a view) but still pass through torch's dispatcher, ~1.5 µs each on a CPU. The engine makes a few such calls
 per layer per micro-batch (≈ 1,300 per step on GPT-2 small's 12 blocks, measured: BENCHMARKS.md, "Host work
 per step"); on a GPU that is host time the device may wait for. These check in Python first.
+
+`one_hot`: indicator rows by a comparison (no host read), for the domain statistics, K-means and the identity
+embedding sketch.
 """
 
 from __future__ import annotations
@@ -29,3 +33,9 @@ def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
 def as_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """`t.to(device)`, or `t` itself when it is already there."""
     return t if t.device == device else t.to(device)
+
+
+def one_hot(index: torch.Tensor, m: int, dtype: torch.dtype) -> torch.Tensor:
+    """(..., m) indicator rows of `index` (values in 0..m-1) in `dtype`: a comparison, not `F.one_hot`, which
+    reads the indices' range on the host (on the CPU) to check them."""
+    return (index.unsqueeze(-1) == torch.arange(m, device=index.device)).to(dtype)
