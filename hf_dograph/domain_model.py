@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from .kmeans import kmeans, nearest, refine
-from .tensors import one_hot
+from .tensors import group_sums, one_hot
 
 logger = logging.getLogger(__name__)
 
@@ -166,13 +166,17 @@ class PersistentDomains:
             raise ValueError(f"sketches of dimension {k} reached a domain model of dimension {self.z.shape[1]}")
         packed = packed[-self.capacity:]  # more rows than the window holds: keep the last (canonical) ones
         n = packed.shape[0]
-        idx = (torch.arange(n, device=packed.device) + self.ptr) % self.capacity  # made there: no copy
-        self.z[idx] = packed[:, :k]
-        self.loss[idx] = packed[:, k]
-        self.items[idx] = packed[:, k + 1]
-        self.valid[idx] = packed[:, k + 2]
-        if self.centroids is not None:
-            self._assign_rows(idx)
+        # The ring's rows ptr, ptr + 1, ...: at most two slices (host ints: copies, no index tensors)
+        head = min(n, self.capacity - self.ptr)
+        for rows, src in ((slice(self.ptr, self.ptr + head), packed[:head]), (slice(0, n - head), packed[head:])):
+            if src.shape[0] == 0:
+                continue
+            self.z[rows] = src[:, :k]
+            self.loss[rows] = src[:, k]
+            self.items[rows] = src[:, k + 1]
+            self.valid[rows] = src[:, k + 2]
+            if self.centroids is not None:
+                self._assign_rows(rows)
         self.ptr = (self.ptr + n) % self.capacity
         self.filled = min(self.capacity, self.filled + n)
 
@@ -206,7 +210,9 @@ class PersistentDomains:
         counts = onehot.sum(0)
         item_mass = (onehot * self.items[:, None]).sum(0)
         freq = item_mass / item_mass.sum().clamp(min=1e-30)
-        means = (onehot.T @ z) / counts.clamp(min=1)[:, None]
+        # (valid is 0 or 1: a kept sample or not; the rows left out belong to no domain's sums)
+        member = torch.where(valid > 0, self.domain, -1)
+        means = group_sums(z, member, self.m) / counts.clamp(min=1)[:, None]
         # Σ_{i∈j} ‖z_i − μ_j‖², from the rows' distances to their centroid (see the module docstring)
         # (accumulated in float64; the two terms differ by n_j σ², so float32 rounding of the distances and the
         # mean, ~1e-7 of D² = ‖μ_j − c_j‖², is an error of ~3e-7·D²/σ² relative — 2.7e-4 measured for rows 30

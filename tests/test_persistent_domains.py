@@ -13,6 +13,7 @@ from hf_dograph import DoGraphConfig, DoGraphTrainer
 from hf_dograph.config import DoGraphSettings
 from hf_dograph.domain_model import PersistentDomains, canonical_order
 from hf_dograph.kmeans import kmeans, refine, reseed_empty, squared_distances
+from hf_dograph.tensors import group_sums, group_sums_by_index, group_sums_by_product
 
 from compat_matrix import flattening_collator, lm_rows, pad_collator, relative_difference
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_gpt2, tiny_llama
@@ -150,6 +151,52 @@ def test_statistics_are_those_of_the_window_by_hand():
     torch.testing.assert_close(dm.stats["freq"], freq)
     torch.testing.assert_close(dm.stats["centroids"], means, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dm.stats["sigma2"], sigma2, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(dm.stats["losses"], losses)
+
+
+def test_group_sums_by_index_and_by_product_agree_with_a_loop():
+    """The domains' row sums: `index_add_` on the CPU, the one-hot product elsewhere; rows of group -1 and an
+    empty group included."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(50, 7, generator=g)
+    group = torch.randint(-1, 4, (50,), generator=g)
+    group[group == 2] = 1  # group 2 empty
+    by_loop = torch.stack([x[group == j].sum(0) for j in range(4)])
+    assert torch.equal(by_loop[2], torch.zeros(7))
+    torch.testing.assert_close(group_sums_by_index(x, group, 4), by_loop, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(group_sums_by_product(x, group, 4), by_loop, rtol=1e-6, atol=1e-6)
+    assert torch.equal(group_sums(x, group, 4), group_sums_by_index(x, group, 4))  # the CPU's
+
+
+def test_window_keeps_the_last_rows_across_the_ring_end_and_left_out_rows_count_in_no_domain():
+    """12 rows a step into a window of 64: the 6th step's rows wrap around the ring's end. The window then holds
+    exactly the last 64 rows, and the statistics leave out the rows that were not kept (valid 0)."""
+    dm = PersistentDomains(_settings(variance_shrinkage=0.0, domain_warmup_samples=24))
+    x, _ = _blobs(seed=4, per=200, k=16, m=3, spread=0.2)
+    g = torch.Generator().manual_seed(5)
+    seen = []
+    for step in range(9):
+        z = x[torch.randint(0, len(x), (12,), generator=g)]
+        valid = (torch.arange(12) % 5 != 0).float()  # rows 0, 5, 10 of each step left out
+        loss = torch.rand(12, generator=g)
+        dm.sample_weights(z)
+        dm.observe(z, loss, torch.full((12,), 10.0), valid)
+        dm.end_step()
+        packed = torch.cat([z, loss[:, None], torch.full((12, 1), 10.0), valid[:, None]], dim=1)
+        seen.append(packed[canonical_order(packed, dm.settings.projection_seed)])  # the order rows enter in
+    last = torch.cat(seen)[-64:]
+    assert dm.ptr == 9 * 12 % 64 and dm.filled == 64
+    oldest_first = (torch.arange(64) + dm.ptr) % 64
+    window = torch.cat([dm.z, dm.loss[:, None], dm.items[:, None], dm.valid[:, None]], dim=1)
+    assert torch.equal(window[oldest_first], last)
+    assign = squared_distances(dm.z, dm.centroids).argmin(1)
+    kept = dm.valid > 0
+    counts = torch.stack([(kept & (assign == j)).sum() for j in range(3)]).float()
+    means = torch.stack([dm.z[kept & (assign == j)].mean(0) for j in range(3)])
+    losses = torch.stack([dm.loss[kept & (assign == j)].mean() for j in range(3)])
+    assert counts.sum() == 64 - (dm.valid == 0).sum() and (dm.valid == 0).sum() > 0
+    torch.testing.assert_close(dm.stats["counts"], counts)
+    torch.testing.assert_close(dm.stats["centroids"], means, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dm.stats["losses"], losses)
 
 
