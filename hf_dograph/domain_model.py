@@ -40,7 +40,7 @@ from typing import Callable
 import torch
 
 from .kmeans import kmeans, nearest, refine
-from .tensors import group_sums, one_hot
+from .tensors import group_sums
 
 logger = logging.getLogger(__name__)
 
@@ -206,25 +206,26 @@ class PersistentDomains:
         """Statistics of every domain from the window, the objective's weights, smoothing, multipliers."""
         s = self.settings
         z, valid = self.z, self.valid
-        onehot = one_hot(self.domain, self.m, z.dtype) * valid[:, None]  # (W, m)
-        counts = onehot.sum(0)
-        item_mass = (onehot * self.items[:, None]).sum(0)
-        freq = item_mass / item_mass.sum().clamp(min=1e-30)
-        # (valid is 0 or 1: a kept sample or not; the rows left out belong to no domain's sums)
+        # Each window row's domain, -1 for the rows left out (valid is 0 or 1: a kept sample or not); every sum
+        # below is over a domain's rows.
         member = torch.where(valid > 0, self.domain, -1)
+        counts, item_mass, loss_sums = group_sums(torch.stack((valid, self.items, self.loss), dim=1), member,
+                                                  self.m).unbind(1)
+        freq = item_mass / item_mass.sum().clamp(min=1e-30)
         means = group_sums(z, member, self.m) / counts.clamp(min=1)[:, None]
         # Σ_{i∈j} ‖z_i − μ_j‖², from the rows' distances to their centroid (see the module docstring)
         # (accumulated in float64; the two terms differ by n_j σ², so float32 rounding of the distances and the
         # mean, ~1e-7 of D² = ‖μ_j − c_j‖², is an error of ~3e-7·D²/σ² relative — 2.7e-4 measured for rows 30
         # spreads from their centroid — negligible unless they drift far further, which refits prevent)
         offset = ((means.double() - self.centroids.double()) ** 2).sum(1)
-        ss = (onehot.T.double() @ self.spread - counts.double() * offset).clamp(min=0).to(z.dtype)
+        spread_sums = group_sums(self.spread[:, None], member, self.m)[:, 0]
+        ss = (spread_sums - counts.double() * offset).clamp(min=0).to(z.dtype)
         nu = (counts - 1).clamp(min=0)
         pooled = ss.sum() / nu.sum().clamp(min=1)
         kappa = float(s.variance_shrinkage)
         shrunk = (ss + kappa * pooled) / (nu + kappa).clamp(min=1e-30)
         sigma2 = torch.where(nu + kappa > 0, shrunk, pooled.expand_as(shrunk))
-        losses = (onehot * self.loss[:, None]).sum(0) / counts.clamp(min=1)
+        losses = loss_sums / counts.clamp(min=1)
         present = counts > 0
         self.stats = {"counts": counts, "freq": freq, "sigma2": sigma2, "losses": losses, "centroids": means}
 
