@@ -1,0 +1,243 @@
+"""The arithmetic floor of DoGraph's per-sample sketch: what the factored engine's own tensor math costs beyond the
+plain step's weight gradients, with no Python, hooks or bookkeeping around it, next to plain `Trainer` and
+DoGraph steps in the same run.
+
+For every weight the engine sketches (linear maps, embeddings; read from a real `DoGraphTrainer`'s engine, with
+its own `WeightSlot` projections and its own formed/token choice), on random tensors of the layer's true shapes:
+
+  plain      the weight gradient the plain backward computes: dW = δᵀa (one matmul), or the embedding backward
+  formed     G_s = Σ_t δ_t a_tᵀ for all samples (one batched matmul), its sketch P_r G P_cᵀ (`WeightSlot.sketch`)
+             and the weighted sum Σ_s c_s G_s
+  token      the projections a P_cᵀ and δ P_rᵀ, their per-sample product, and the weighted dW = δᵀ(c ⊙ a)
+  embedding  a column of P_V per token, δ P_Dᵀ, their per-sample product, and the scaled `index_add_`
+
+floor = Σ (DoGraph's path) − Σ plain: the least extra a step can cost with this sketch at these settings, on this
+machine, for the weights alone (biases, norms, the CountSketch into k, the domain model and the weights are
+left out, so the true floor is higher). "engine" takes each layer's path as the engine chooses it (`form_below`);
+"best" the cheaper of the two per layer. The ratio floor / plain step says how much of the issue's 10% budget
+the sketch's own arithmetic uses before anything else runs.
+
+    python benchmarks/sketch_floor.py                                  # the step-cost grid, 20 rounds each
+    python benchmarks/sketch_floor.py --models 2x64 --rounds 30 --json f.json --plot f.png
+    python benchmarks/sketch_floor.py --replot f.json --plot f.png     # the figure again, no runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import GRID, MODELS, lm_batches, optimizer_step, plain_and_dograph, prepare_for_steps  # noqa: E402
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _median_ms(fn, reps: int) -> float:
+    fn()  # warm (allocator, first-call dispatch)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def layer_kernels(engine, batch: int, seq: int) -> list[dict]:
+    """For each handler that sketches a weight: its name, shape, the engine's path, its inputs (`a`/`d` or
+    `ids`/`d`, per-sample coefficients `coef`) and one closure per variant: `plain` → dW; `formed`, `token`,
+    `embedding` → (per-sample sketches, Σ_s coef_s G_s) in the parameter's layout."""
+    import torch
+
+    from hf_dograph.sketch.layers.embedding import EmbeddingHandler
+    from hf_dograph.sketch.layers.linear import LinearHandler
+
+    g = torch.Generator().manual_seed(0)
+    coef = torch.rand(batch, generator=g)
+    out = []
+    for h in engine.handlers:
+        if isinstance(h, LinearHandler) and h.weight is not None:
+            slot = engine.slot(h.weight)
+            a = torch.randn(batch, seq, h.in_features, generator=g)
+            d = torch.randn(batch, seq, h.out_features, generator=g)
+            left, right = (a, d) if h.transposed else (d, a)  # the parameter's layout (rows, cols)
+            left2, right2 = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
+
+            def plain(left2=left2, right2=right2):
+                return left2.T @ right2
+
+            def formed(left=left, right=right, slot=slot):  # → (sketches, weighted gradient)
+                per_sample = torch.bmm(left.transpose(1, 2), right)
+                return slot.sketch(per_sample), (coef @ per_sample.reshape(batch, -1)).view(per_sample.shape[1:])
+
+            def token(left=left, right=right, slot=slot):
+                u, v = slot.project(left, 0), slot.project(right, 1)
+                scaled = left * coef[:, None, None]
+                weighted = scaled.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
+                return torch.bmm(u.transpose(1, 2), v), weighted
+
+            engine_path = "formed" if h.forms_per_sample(seq) else "token"
+            out.append({"name": h.name, "kind": "linear", "shape": list(h.weight.shape), "engine": engine_path,
+                        "transposed": h.transposed, "a": a, "d": d, "coef": coef,
+                        "plain": plain, "formed": formed, "token": token})
+        elif isinstance(h, EmbeddingHandler):
+            slot = engine.slot(h.weight)
+            ids = torch.randint(0, h.num, (batch, seq), generator=g)
+            d = torch.randn(batch, seq, h.dim, generator=g)
+
+            def plain(ids=ids, d=d, h=h):
+                return torch.zeros(h.num, h.dim).index_add_(0, ids.reshape(-1), d.reshape(-1, h.dim))
+
+            def embedding(ids=ids, d=d, h=h, slot=slot):
+                p_rows = slot.projection(0, ids.device, torch.float32)
+                u = torch.nn.functional.one_hot(ids, h.num).float() if p_rows is None else p_rows[ids]
+                sketches = torch.bmm(u.transpose(1, 2), slot.project(d, 1))
+                scaled = d * coef[:, None, None]
+                return sketches, torch.zeros(h.num, h.dim).index_add_(0, ids.reshape(-1), scaled.reshape(-1, h.dim))
+
+            out.append({"name": h.name, "kind": "embedding", "shape": list(h.weight.shape), "engine": "embedding",
+                        "ids": ids, "d": d, "coef": coef, "plain": plain, "embedding": embedding})
+    return out
+
+
+def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log) -> dict:
+    import torch
+
+    spec = {"model": model, "batch": batch, "seq": seq, "device": "cpu", "seed": 0}
+    plain_t, dograph_t = plain_and_dograph(spec, "floor")
+    prepare_for_steps([plain_t, dograph_t], 1000)
+    batches = lm_batches(spec, rounds + 3)
+    for b in batches[:3]:  # warm-up: DoGraph fits its domains at the first step
+        optimizer_step(plain_t, b)
+        optimizer_step(dograph_t, b)
+    kernels = layer_kernels(dograph_t.grad_engine, batch, seq)
+    steps = {"plain": [], "dograph": []}
+    per_layer = {k["name"]: {v: [] for v in ("plain", "formed", "token", "embedding") if v in k} for k in kernels}
+    with torch.no_grad():
+        for r, b in enumerate(batches[3:]):
+            order = ("plain", "dograph") if r % 2 == 0 else ("dograph", "plain")
+            for name in order:
+                t = plain_t if name == "plain" else dograph_t
+                with torch.enable_grad():
+                    t0 = time.perf_counter()
+                    optimizer_step(t, b)
+                    steps[name].append(time.perf_counter() - t0)
+            for k in kernels:  # one sample of every variant per round, between the steps they compare with
+                for v in per_layer[k["name"]]:
+                    per_layer[k["name"]][v].append(_median_ms(k[v], reps))
+            if (r + 1) % max(1, rounds // 4) == 0:
+                log(f"  {model}: round {r + 1}/{rounds}")
+    plain_ms = statistics.median(steps["plain"]) * 1e3
+    dograph_ms = statistics.median(steps["dograph"]) * 1e3
+    ratios = [d / p for p, d in zip(steps["plain"], steps["dograph"])]
+    layers = []
+    for k in kernels:
+        med = {v: statistics.median(xs) for v, xs in per_layer[k["name"]].items()}
+        if k["kind"] == "linear":
+            engine_ms, best_ms = med[k["engine"]], min(med["formed"], med["token"])
+        else:
+            engine_ms = best_ms = med["embedding"]
+        layers.append({"name": k["name"], "kind": k["kind"], "shape": k["shape"], "engine_path": k["engine"],
+                       **{f"{v}_ms": x for v, x in med.items()}, "engine_ms": engine_ms, "best_ms": best_ms})
+    plain_dw = sum(x["plain_ms"] for x in layers)
+    floor_engine = sum(x["engine_ms"] for x in layers) - plain_dw
+    floor_best = sum(x["best_ms"] for x in layers) - plain_dw
+    return {"model": model, "batch": batch, "seq": seq, "vocab": MODELS[model][2], "rounds": rounds,
+            "threads": torch.get_num_threads(), "plain_step_ms": plain_ms, "dograph_step_ms": dograph_ms,
+            "step_ratio_median": statistics.median(ratios), "step_ratio_range": [min(ratios), max(ratios)],
+            "plain_weight_grads_ms": plain_dw, "floor_engine_ms": floor_engine, "floor_best_ms": floor_best,
+            "layers": layers}
+
+
+def table(results: list[dict]) -> str:
+    head = ("| model | B | T | plain step (ms) | plain's dW (ms) | floor: engine's paths (ms) | floor: best path "
+            "(ms) | floor / plain step | DoGraph step / plain (median, range) | left of the 10% budget (ms) |\n"
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for r in results:
+        budget = 0.10 * r["plain_step_ms"] - r["floor_engine_ms"]
+        lo, hi = r["step_ratio_range"]
+        rows.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {r['plain_step_ms']:.1f} | "
+                    f"{r['plain_weight_grads_ms']:.1f} | {r['floor_engine_ms']:.1f} | {r['floor_best_ms']:.1f} | "
+                    f"{r['floor_engine_ms'] / r['plain_step_ms']:.1%} | {r['step_ratio_median']:.2f}× "
+                    f"({lo:.2f}–{hi:.2f}) | {budget:.1f} |")
+    return "\n".join([head, *rows])
+
+
+def layer_table(r: dict) -> str:
+    lines = [f"{r['model']} B={r['batch']} T={r['seq']}: per layer (ms; medians)",
+             "| layer | shape | engine's path | plain dW | formed | token | embedding |", "|---|---|---|---:|---:|---:|---:|"]
+    for x in r["layers"]:
+        cell = lambda k: f"{x[k]:.2f}" if k in x else "—"  # noqa: E731
+        lines.append(f"| {x['name']} | {'×'.join(map(str, x['shape']))} | {x['engine_path']} | {cell('plain_ms')} | "
+                     f"{cell('formed_ms')} | {cell('token_ms')} | {cell('embedding_ms')} |")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: str) -> None:
+    """One bar per grid point: DoGraph's measured extra over the plain step, split into the sketch's arithmetic
+    floor (engine's paths) and the rest, as a share of the plain step, against the issue's 10% bound."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['model']}\nB={r['batch']} T={r['seq']}" for r in results]
+    floor = [100 * r["floor_engine_ms"] / r["plain_step_ms"] for r in results]
+    total = [100 * (r["step_ratio_median"] - 1) for r in results]
+    rest = [max(0.0, t - f) for t, f in zip(total, floor)]
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    xs = range(len(results))
+    ax.bar(xs, floor, color="tab:orange", label="sketch arithmetic alone (floor, engine's paths)")
+    ax.bar(xs, rest, bottom=floor, color="tab:blue", alpha=0.6, label="everything else (measured step − floor)")
+    ax.axhline(10, color="tab:red", ls="--", lw=1, label="issue's bound (+10%)")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("extra over the plain step (% of plain step)")
+    ax.set_title("DoGraph's per-step extra and the part its sketch's own matmuls take (CPU)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(m for m, _, _ in GRID), help="grid models to run (comma list)")
+    ap.add_argument("--rounds", type=int, default=20, help="paired plain/DoGraph rounds per point")
+    ap.add_argument("--reps", type=int, default=5, help="repeats of each kernel per round (its median is kept)")
+    ap.add_argument("--layers", action="store_true", help="also print the per-layer table of every point")
+    ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--plot", help="write the figure here (PNG)")
+    ap.add_argument("--replot", help="draw --plot from this JSON, no runs")
+    args = ap.parse_args(argv)
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())["results"]
+    else:
+        wanted = args.models.split(",")
+        unknown = [m for m in wanted if m not in {g[0] for g in GRID}]
+        if unknown:
+            ap.error(f"--models: {unknown} not in the grid {[g[0] for g in GRID]}")
+        results = []
+        for model, batch, seq in (g for g in GRID if g[0] in wanted):
+            print(f"measuring {model} B={batch} T={seq} ...", file=sys.stderr, flush=True)
+            results.append(run_point(model, batch, seq, args.rounds, args.reps,
+                                     lambda s: print(s, file=sys.stderr, flush=True)))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
+    print(table(results))
+    if args.layers:
+        for r in results:
+            print()
+            print(layer_table(r))
+    if args.plot:
+        plot(results, args.plot)
+        print(f"figure: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""`benchmarks/sketch_floor.py`: the kernels it times compute what the engine computes (per-sample sketches and the
+weighted gradient, both paths agreeing with a per-sample loop), and a tiny run and a replot produce their table
+and figure."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+STORED = REPO_ROOT / "benchmarks" / "figures" / "sketch_floor.json"
+
+
+def _floor():
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # sketch_floor imports its helpers from step_cost
+    spec = importlib.util.spec_from_file_location("sketch_floor_benchmark", REPO_ROOT / "benchmarks" / "sketch_floor.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _close(x, y, rel=1e-5):
+    return (x - y).abs().max().item() <= rel * max(1.0, y.abs().max().item())
+
+
+def test_every_variant_computes_the_engines_sketch_and_weighted_gradient():
+    floor = _floor()
+    batch, seq = 3, 8
+    _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": batch, "seq": seq, "device": "cpu"}, "floor_test")
+    engine = dograph.grad_engine
+    kernels = floor.layer_kernels(engine, batch, seq)
+    # GPT-2 2x64: wte and wpe, 4 linear maps per block, the output head (tied to wte)
+    assert [k["kind"] for k in kernels].count("embedding") == 2 and [k["kind"] for k in kernels].count("linear") == 9
+    for k in kernels:
+        slot = engine.slot(dict(engine.model.named_parameters())[_param_name(engine, k["name"])])
+        coef, d = k["coef"], k["d"]
+        if k["kind"] == "linear":
+            left, right = (k["a"], d) if k["transposed"] else (d, k["a"])
+            per_sample = torch.stack([left[s].T @ right[s] for s in range(batch)])  # the loop reference
+        else:
+            rows, dim = k["shape"]
+            per_sample = torch.stack([torch.nn.functional.one_hot(k["ids"][s], rows).float().T @ d[s]
+                                      for s in range(batch)])
+        weighted_ref = sum(coef[s] * per_sample[s] for s in range(batch))
+        sketch_ref = slot.sketch(per_sample)
+        assert _close(k["plain"](), per_sample.sum(0)), k["name"]
+        variants = ("formed", "token") if k["kind"] == "linear" else ("embedding",)
+        for v in variants:
+            sketches, weighted = k[v]()
+            assert _close(weighted, weighted_ref), (k["name"], v)
+            assert _close(sketches, sketch_ref, rel=1e-4), (k["name"], v)
+
+
+def _param_name(engine, module_name: str) -> str:
+    return f"{module_name}.weight" if f"{module_name}.weight" in dict(engine.model.named_parameters()) else \
+        "transformer.wte.weight"  # the output head's weight is tied to wte (named once)
+
+
+def test_a_tiny_run_reports_a_finite_floor_and_replots(tmp_path, capsys):
+    floor = _floor()
+    r = floor.run_point("2x64", 2, 8, rounds=2, reps=1, log=lambda s: None)
+    assert r["plain_step_ms"] > 0 and r["dograph_step_ms"] > 0 and len(r["layers"]) == 11
+    for key in ("plain_weight_grads_ms", "floor_engine_ms", "floor_best_ms"):
+        assert math.isfinite(r[key])
+    assert r["floor_best_ms"] <= r["floor_engine_ms"] + 1e-9  # best-of-two per layer is never above the choice
+    assert "| 2x64 | 2 | 8 |" in floor.table([r])
+    out = tmp_path / "floor.png"
+    floor.main(["--replot", str(STORED), "--plot", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    assert "| 2x64 | 16 | 128 |" in capsys.readouterr().out
+
+
+def test_unknown_models_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        _floor().main(["--models", "3x99"])
+    assert "not in the grid" in capsys.readouterr().err
