@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 # Before anything imports huggingface_hub / transformers / datasets: tests run offline.
@@ -16,6 +18,20 @@ import pytest  # noqa: E402
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # CI has ../shared beside the clone; a developer checkout has it at the same place.
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def load_benchmark(name: str):
+    """The script `benchmarks/<name>.py` as a module (benchmarks are scripts, not a package). `benchmarks/` goes
+    on sys.path first, since several import their helpers from `step_cost`; the module is registered in
+    sys.modules, which dataclasses defined in it need."""
+    folder = REPO_ROOT / "benchmarks"
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 import time
 
 import pytest
@@ -24,16 +22,12 @@ from hf_dograph import DoGraphConfig, DoGraphTrainer
 from hf_dograph.sketch import ENGINES, LossOnlyEngine
 from hf_dograph.strategies import GroupDRO, loss_reweighting_weights
 
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 from tiny_models import make_batch, rows_from_batch, stack_collator, tiny_llama
 
 
 def _load_benchmark():
-    spec = importlib.util.spec_from_file_location("mixing_benchmark", REPO_ROOT / "benchmarks" / "mixing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mixing")
 
 
 mixing = _load_benchmark()

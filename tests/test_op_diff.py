@@ -2,18 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-
-from conftest import REPO_ROOT
+from conftest import load_benchmark
 
 
 def _op_diff():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # op_diff imports its helpers from step_cost
-    spec = importlib.util.spec_from_file_location("op_diff_benchmark", REPO_ROOT / "benchmarks" / "op_diff.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("op_diff")
 
 
 def test_counts_are_per_step_and_attribute_the_engine_to_dograph(capsys):

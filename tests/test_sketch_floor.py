@@ -4,24 +4,18 @@ and figure."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_benchmark
 
 STORED = REPO_ROOT / "benchmarks" / "figures" / "sketch_floor.json"
 
 
 def _floor():
-    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # sketch_floor imports its helpers from step_cost
-    spec = importlib.util.spec_from_file_location("sketch_floor_benchmark", REPO_ROOT / "benchmarks" / "sketch_floor.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("sketch_floor")
 
 
 def _close(x, y, rel=1e-5):

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, load_benchmark
 
 STORED = REPO_ROOT / "benchmarks" / "figures" / "step_cost_grid.json"
 
 
 def _step_cost():
-    spec = importlib.util.spec_from_file_location("step_cost_benchmark", REPO_ROOT / "benchmarks" / "step_cost.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("step_cost")
 
 
 def test_replot_draws_the_stored_grid(tmp_path):
