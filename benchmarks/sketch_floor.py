@@ -20,6 +20,11 @@ the sketch's own arithmetic uses before anything else runs.
     python benchmarks/sketch_floor.py                                  # the step-cost grid, 20 rounds each
     python benchmarks/sketch_floor.py --models 2x64 --rounds 30 --json f.json --plot f.png
     python benchmarks/sketch_floor.py --replot f.json --plot f.png     # the figure again, no runs
+    python benchmarks/sketch_floor.py --device cuda --models 12x768 --batch 16 --seq 512 --bf16   # GPT-2 small
+
+With `--bf16` the activations and output gradients are bf16 and every matmul runs in bf16, as under the
+Trainer's autocast, while per-sample gradients, sketches and the formed path's weighted sum are float32, as
+in the engine. On CUDA each kernel is timed between two synchronizations.
 """
 
 from __future__ import annotations
@@ -38,33 +43,47 @@ from step_cost import GRID, MODELS, lm_batches, optimizer_step, plain_and_dograp
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _median_ms(fn, reps: int) -> float:
+def _sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _median_ms(fn, reps: int, device: str = "cpu") -> float:
     fn()  # warm (allocator, first-call dispatch)
     times = []
     for _ in range(reps):
+        _sync(device)
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
-def layer_kernels(engine, batch: int, seq: int) -> list[dict]:
+def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None) -> list[dict]:
     """For each handler that sketches a weight: its name, shape, the engine's path, its inputs (`a`/`d` or
     `ids`/`d`, per-sample coefficients `coef`) and one closure per variant: `plain` → dW; `formed`, `token`,
-    `embedding` → (per-sample sketches, Σ_s coef_s G_s) in the parameter's layout."""
+    `embedding` → (per-sample sketches, Σ_s coef_s G_s) in the parameter's layout. `dtype`: of the activations
+    and output gradients (float32 by default; bf16 as under autocast)."""
     import torch
+
+    dtype = dtype or torch.float32
 
     from hf_dograph.sketch.layers.embedding import EmbeddingHandler
     from hf_dograph.sketch.layers.linear import LinearHandler
 
     g = torch.Generator().manual_seed(0)
-    coef = torch.rand(batch, generator=g)
+    coef = torch.rand(batch, generator=g).to(device)
+
+    def randn(*shape):  # drawn on the CPU (the same numbers on every device), then moved
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
     out = []
     for h in engine.handlers:
         if isinstance(h, LinearHandler) and h.weight is not None:
             slot = engine.slot(h.weight)
-            a = torch.randn(batch, seq, h.in_features, generator=g)
-            d = torch.randn(batch, seq, h.out_features, generator=g)
+            a, d = randn(batch, seq, h.in_features), randn(batch, seq, h.out_features)
             left, right = (a, d) if h.transposed else (d, a)  # the parameter's layout (rows, cols)
             left2, right2 = left.reshape(-1, left.shape[-1]), right.reshape(-1, right.shape[-1])
 
@@ -72,12 +91,12 @@ def layer_kernels(engine, batch: int, seq: int) -> list[dict]:
                 return left2.T @ right2
 
             def formed(left=left, right=right, slot=slot):  # → (sketches, weighted gradient)
-                per_sample = torch.bmm(left.transpose(1, 2), right)
+                per_sample = torch.bmm(left.transpose(1, 2), right).float()
                 return slot.sketch(per_sample), (coef @ per_sample.reshape(batch, -1)).view(per_sample.shape[1:])
 
             def token(left=left, right=right, slot=slot):
-                u, v = slot.project(left, 0), slot.project(right, 1)
-                scaled = left * coef[:, None, None]
+                u, v = slot.project(left, 0).float(), slot.project(right, 1).float()
+                scaled = left * coef[:, None, None].to(left.dtype)
                 weighted = scaled.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
                 return torch.bmm(u.transpose(1, 2), v), weighted
 
@@ -87,35 +106,38 @@ def layer_kernels(engine, batch: int, seq: int) -> list[dict]:
                         "plain": plain, "formed": formed, "token": token})
         elif isinstance(h, EmbeddingHandler):
             slot = engine.slot(h.weight)
-            ids = torch.randint(0, h.num, (batch, seq), generator=g)
-            d = torch.randn(batch, seq, h.dim, generator=g)
+            ids = torch.randint(0, h.num, (batch, seq), generator=g).to(device)
+            d = randn(batch, seq, h.dim)
 
             def plain(ids=ids, d=d, h=h):
-                return torch.zeros(h.num, h.dim).index_add_(0, ids.reshape(-1), d.reshape(-1, h.dim))
+                return torch.zeros(h.num, h.dim, device=device, dtype=d.dtype).index_add_(
+                    0, ids.reshape(-1), d.reshape(-1, h.dim))
 
             def embedding(ids=ids, d=d, h=h, slot=slot):
                 p_rows = slot.projection(0, ids.device, torch.float32)
                 u = torch.nn.functional.one_hot(ids, h.num).float() if p_rows is None else p_rows[ids]
-                sketches = torch.bmm(u.transpose(1, 2), slot.project(d, 1))
-                scaled = d * coef[:, None, None]
-                return sketches, torch.zeros(h.num, h.dim).index_add_(0, ids.reshape(-1), scaled.reshape(-1, h.dim))
+                sketches = torch.bmm(u.transpose(1, 2), slot.project(d, 1).float())
+                scaled = d * coef[:, None, None].to(d.dtype)
+                return sketches, torch.zeros(h.num, h.dim, device=device, dtype=d.dtype).index_add_(
+                    0, ids.reshape(-1), scaled.reshape(-1, h.dim))
 
             out.append({"name": h.name, "kind": "embedding", "shape": list(h.weight.shape), "engine": "embedding",
                         "ids": ids, "d": d, "coef": coef, "plain": plain, "embedding": embedding})
     return out
 
 
-def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log) -> dict:
+def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log, device: str = "cpu",
+              bf16: bool = False) -> dict:
     import torch
 
-    spec = {"model": model, "batch": batch, "seq": seq, "device": "cpu", "seed": 0}
+    spec = {"model": model, "batch": batch, "seq": seq, "device": device, "seed": 0, "bf16": bf16}
     plain_t, dograph_t = plain_and_dograph(spec, "floor")
     prepare_for_steps([plain_t, dograph_t], 1000)
     batches = lm_batches(spec, rounds + 3)
     for b in batches[:3]:  # warm-up: DoGraph fits its domains at the first step
         optimizer_step(plain_t, b)
         optimizer_step(dograph_t, b)
-    kernels = layer_kernels(dograph_t.grad_engine, batch, seq)
+    kernels = layer_kernels(dograph_t.grad_engine, batch, seq, device, torch.bfloat16 if bf16 else None)
     steps = {"plain": [], "dograph": []}
     per_layer = {k["name"]: {v: [] for v in ("plain", "formed", "token", "embedding") if v in k} for k in kernels}
     with torch.no_grad():
@@ -124,12 +146,14 @@ def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log) -> 
             for name in order:
                 t = plain_t if name == "plain" else dograph_t
                 with torch.enable_grad():
+                    _sync(device)
                     t0 = time.perf_counter()
                     optimizer_step(t, b)
+                    _sync(device)
                     steps[name].append(time.perf_counter() - t0)
             for k in kernels:  # one sample of every variant per round, between the steps they compare with
                 for v in per_layer[k["name"]]:
-                    per_layer[k["name"]][v].append(_median_ms(k[v], reps))
+                    per_layer[k["name"]][v].append(_median_ms(k[v], reps, device))
             if (r + 1) % max(1, rounds // 4) == 0:
                 log(f"  {model}: round {r + 1}/{rounds}")
     plain_ms = statistics.median(steps["plain"]) * 1e3
@@ -148,7 +172,7 @@ def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log) -> 
     floor_engine = sum(x["engine_ms"] for x in layers) - plain_dw
     floor_best = sum(x["best_ms"] for x in layers) - plain_dw
     return {"model": model, "batch": batch, "seq": seq, "vocab": MODELS[model][2], "rounds": rounds,
-            "threads": torch.get_num_threads(), "plain_step_ms": plain_ms, "dograph_step_ms": dograph_ms,
+            "device": device, "bf16": bf16, "threads": torch.get_num_threads(), "plain_step_ms": plain_ms, "dograph_step_ms": dograph_ms,
             "step_ratio_median": statistics.median(ratios), "step_ratio_range": [min(ratios), max(ratios)],
             "plain_weight_grads_ms": plain_dw, "floor_engine_ms": floor_engine, "floor_best_ms": floor_best,
             "layers": layers}
@@ -198,7 +222,8 @@ def plot(results: list[dict], path: str) -> None:
     ax.axhline(10, color="tab:red", ls="--", lw=1, label="issue's bound (+10%)")
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("extra over the plain step (% of plain step)")
-    ax.set_title("DoGraph's per-step extra and the part its sketch's own matmuls take (CPU)", fontsize=10)
+    where = ", ".join(sorted({r.get("device", "cpu") + (" bf16" if r.get("bf16") else "") for r in results}))
+    ax.set_title(f"DoGraph's per-step extra and the part its sketch's own matmuls take ({where})", fontsize=10)
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -207,7 +232,12 @@ def plot(results: list[dict], path: str) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default=",".join(m for m, _, _ in GRID), help="grid models to run (comma list)")
+    ap.add_argument("--models", default=",".join(m for m, _, _ in GRID),
+                    help="models to run (comma list); grid models take the grid's B and T unless --batch/--seq")
+    ap.add_argument("--batch", type=int, help="batch size (required for a model outside the grid)")
+    ap.add_argument("--seq", type=int, help="sequence length (required for a model outside the grid)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for the steps, bf16 kernels (see above)")
     ap.add_argument("--rounds", type=int, default=20, help="paired plain/DoGraph rounds per point")
     ap.add_argument("--reps", type=int, default=5, help="repeats of each kernel per round (its median is kept)")
     ap.add_argument("--layers", action="store_true", help="also print the per-layer table of every point")
@@ -218,15 +248,26 @@ def main(argv=None) -> None:
     if args.replot:
         results = json.loads(Path(args.replot).read_text())["results"]
     else:
-        wanted = args.models.split(",")
-        unknown = [m for m in wanted if m not in {g[0] for g in GRID}]
-        if unknown:
-            ap.error(f"--models: {unknown} not in the grid {[g[0] for g in GRID]}")
+        grid = {m: (b, t) for m, b, t in GRID}
+        points = []
+        for model in args.models.split(","):
+            if model not in MODELS:
+                ap.error(f"--models: {model!r} is not one of {sorted(MODELS)}")
+            batch, seq = (args.batch or grid.get(model, (None, None))[0]), (args.seq or grid.get(model, (None, None))[1])
+            if batch is None or seq is None:
+                ap.error(f"--models {model}: not in the grid {sorted(grid)}, so give --batch and --seq")
+            points.append((model, batch, seq))
+        if args.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                ap.error("--device cuda: no CUDA device here")
         results = []
-        for model, batch, seq in (g for g in GRID if g[0] in wanted):
-            print(f"measuring {model} B={batch} T={seq} ...", file=sys.stderr, flush=True)
+        for model, batch, seq in points:
+            print(f"measuring {model} B={batch} T={seq} on {args.device}{' bf16' if args.bf16 else ''} ...",
+                  file=sys.stderr, flush=True)
             results.append(run_point(model, batch, seq, args.rounds, args.reps,
-                                     lambda s: print(s, file=sys.stderr, flush=True)))
+                                     lambda s: print(s, file=sys.stderr, flush=True), args.device, args.bf16))
         if args.json:
             Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
     print(table(results))

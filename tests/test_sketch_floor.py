@@ -22,19 +22,21 @@ def _close(x, y, rel=1e-5):
     return (x - y).abs().max().item() <= rel * max(1.0, y.abs().max().item())
 
 
-def test_every_variant_computes_the_engines_sketch_and_weighted_gradient():
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_every_variant_computes_the_engines_sketch_and_weighted_gradient(dtype, rel):
     floor = _floor()
     batch, seq = 3, 8
     _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": batch, "seq": seq, "device": "cpu"}, "floor_test")
     engine = dograph.grad_engine
-    kernels = floor.layer_kernels(engine, batch, seq)
+    kernels = floor.layer_kernels(engine, batch, seq, dtype=dtype)
     # GPT-2 2x64: wte and wpe, 4 linear maps per block, the output head (tied to wte)
     assert [k["kind"] for k in kernels].count("embedding") == 2 and [k["kind"] for k in kernels].count("linear") == 9
     for k in kernels:
         slot = engine.slot(dict(engine.model.named_parameters())[_param_name(engine, k["name"])])
-        coef, d = k["coef"], k["d"]
+        coef, d = k["coef"], k["d"].float()  # the reference in float32, from the kernels' own (rounded) inputs
+        assert k["d"].dtype == dtype
         if k["kind"] == "linear":
-            left, right = (k["a"], d) if k["transposed"] else (d, k["a"])
+            left, right = (k["a"].float(), d) if k["transposed"] else (d, k["a"].float())
             per_sample = torch.stack([left[s].T @ right[s] for s in range(batch)])  # the loop reference
         else:
             rows, dim = k["shape"]
@@ -42,12 +44,13 @@ def test_every_variant_computes_the_engines_sketch_and_weighted_gradient():
                                       for s in range(batch)])
         weighted_ref = sum(coef[s] * per_sample[s] for s in range(batch))
         sketch_ref = slot.sketch(per_sample)
-        assert _close(k["plain"](), per_sample.sum(0)), k["name"]
+        assert _close(k["plain"]().float(), per_sample.sum(0), rel), k["name"]
         variants = ("formed", "token") if k["kind"] == "linear" else ("embedding",)
         for v in variants:
             sketches, weighted = k[v]()
-            assert _close(weighted, weighted_ref), (k["name"], v)
-            assert _close(sketches, sketch_ref, rel=1e-4), (k["name"], v)
+            assert sketches.dtype == torch.float32, (k["name"], v)  # sketches are float32, as in the engine
+            assert _close(weighted.float(), weighted_ref, rel), (k["name"], v)
+            assert _close(sketches, sketch_ref, max(rel, 1e-4)), (k["name"], v)
 
 
 def _param_name(engine, module_name: str) -> str:
@@ -69,7 +72,10 @@ def test_a_tiny_run_reports_a_finite_floor_and_replots(tmp_path, capsys):
     assert "| 2x64 | 16 | 128 |" in capsys.readouterr().out
 
 
-def test_unknown_models_are_refused(capsys):
+def test_unknown_models_and_missing_sizes_are_refused(capsys):
     with pytest.raises(SystemExit):
         _floor().main(["--models", "3x99"])
-    assert "not in the grid" in capsys.readouterr().err
+    assert "'3x99' is not one of" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _floor().main(["--models", "12x64"])  # a model outside the grid needs its sizes
+    assert "give --batch and --seq" in capsys.readouterr().err

@@ -9,7 +9,8 @@
 # It installs the wheels into a private folder (the image's own packages are left alone), checks that the
 # package imports and that one DoGraph step on the GPU gives the plain Trainer's update with uniform weights,
 # then times GPT-2 small (12x768, T = 512, bf16) at B = 16 and 48 against plain Trainer, profiles its
-# phases and lists the ops (kernel time, host time, launches) a DoGraph step adds. Each part has its own
+# phases, lists the ops (kernel time, host time, launches) a DoGraph step adds and times the sketch's own
+# tensor math alone (the floor under the step ratio). Each part has its own
 # time limit so that the whole fits in the device tool's 10 minutes; every log and
 # JSON goes to $OUT (or ./gpu_out when $OUT is unset). Versions of the image are printed first: the image's
 # torch/transformers are not this project's pins.
@@ -45,7 +46,7 @@ timeout 90 $PY benchmarks/gpu/smoke_uniform.py 2>&1 | tee "$OUT/smoke.txt" | tai
 [ "${PIPESTATUS[0]}" -eq 0 ] || log "smoke check FAILED (see smoke.txt); timing anyway"
 
 log "step cost: 12x768, B = 16 and 48, T = 512, bf16, plain vs factored"
-timeout 300 $PY benchmarks/step_cost.py --device cuda --models 12x768 --batch-sizes 16,48 --seq 512 --bf16 \
+timeout 250 $PY benchmarks/step_cost.py --device cuda --models 12x768 --batch-sizes 16,48 --seq 512 --bf16 \
   --trainers plain,factored --rounds 20 --memory-runs 1 --json "$OUT/step_cost_gpu.json" >"$OUT/step_cost_gpu.txt" 2>&1
 log "step cost exit $? (table: step_cost_gpu.txt)"
 
@@ -58,4 +59,10 @@ log "op diff: 12x768, B = 16, bf16, 5 profiled steps each (kernel time vs host t
 timeout 80 $PY benchmarks/op_diff.py --device cuda --model 12x768 --batch 16 --seq 512 --bf16 --steps 5 \
   --warmup 2 --json "$OUT/op_diff_gpu.json" >"$OUT/op_diff_gpu.txt" 2>&1
 log "op diff exit $? (table: op_diff_gpu.txt)"
+
+# Last, so that it is the part cut if the call runs out of time: the sketch's own tensor math at 12x768.
+log "sketch floor: 12x768, B = 16, T = 512, bf16, 10 rounds"
+timeout 60 $PY benchmarks/sketch_floor.py --device cuda --models 12x768 --batch 16 --seq 512 --bf16 --rounds 10 \
+  --reps 3 --layers --json "$OUT/sketch_floor_gpu.json" >"$OUT/sketch_floor_gpu.txt" 2>&1
+log "sketch floor exit $? (table: sketch_floor_gpu.txt)"
 log "done"
