@@ -65,7 +65,10 @@ def test_a_tiny_run_reports_a_finite_floor_and_replots(tmp_path, capsys):
     for key in ("plain_weight_grads_ms", "floor_engine_ms", "floor_best_ms"):
         assert math.isfinite(r[key])
     assert r["floor_best_ms"] <= r["floor_engine_ms"] + 1e-9  # best-of-two per layer is never above the choice
-    assert "| 2x64 | 2 | 8 |" in floor.table([r])
+    assert "| 2x64 | 2 | 8 |" in floor.table([r]) and "left of the 10% budget" in floor.table([r])
+    budget = float(floor.table([r], bound=0.05).splitlines()[-1].split("|")[-2])  # the GPU goal's 5%
+    assert "left of the 5% budget" in floor.table([r], bound=0.05)
+    assert budget == pytest.approx(0.05 * r["plain_step_ms"] - r["floor_engine_ms"], abs=0.06)
     out = tmp_path / "floor.png"
     floor.main(["--replot", str(STORED), "--plot", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
