@@ -15,13 +15,12 @@ floor = Σ (DoGraph's path) − Σ plain: the least extra a step can cost with t
 machine, for the weights alone (biases, norms, the CountSketch into k, the domain model and the weights are
 left out, so the true floor is higher). "engine" takes each layer's path as the engine chooses it (`form_below`);
 "best" the cheaper of the two per layer. The ratio floor / plain step says how much of the issue's budget (10% on
-the CPU grid, 5% for GPT-2 small on a GPU: `--bound`)
-the sketch's own arithmetic uses before anything else runs.
+the CPU grid, 5% for GPT-2 small on a GPU: `--bound`) the sketch's own arithmetic uses before anything else runs.
 
     python benchmarks/sketch_floor.py                                  # the step-cost grid, 20 rounds each
     python benchmarks/sketch_floor.py --models 2x64 --rounds 30 --json f.json --plot f.png
     python benchmarks/sketch_floor.py --replot f.json --plot f.png     # the figure again, no runs
-    python benchmarks/sketch_floor.py --device cuda --models 12x768 --batch 16 --seq 512 --bf16   # GPT-2 small
+    python benchmarks/sketch_floor.py --device cuda --models 12x768 --batch 16 --seq 512 --bf16 --bound 0.05
 
 With `--bf16` the activations and output gradients are bf16 and every matmul runs in bf16, as under the
 Trainer's autocast, while per-sample gradients, sketches and the formed path's weighted sum are float32, as
