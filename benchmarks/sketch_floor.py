@@ -37,10 +37,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_cost import GRID, MODELS, lm_batches, optimizer_step, plain_and_dograph, prepare_for_steps  # noqa: E402
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_cost import (  # noqa: E402
+    GRID, MODELS, lm_batches, optimizer_step, paired_rounds, plain_and_dograph, prepare_for_steps,
+)
 
 
 def _sync(device: str) -> None:
@@ -64,15 +65,20 @@ def _median_ms(fn, reps: int, device: str = "cpu") -> float:
 
 def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None) -> list[dict]:
     """For each handler that sketches a weight: its name, shape, the engine's path, its inputs (`a`/`d` or
-    `ids`/`d`, per-sample coefficients `coef`) and one closure per variant: `plain` → dW; `formed`, `token`,
-    `embedding` → (per-sample sketches, Σ_s coef_s G_s) in the parameter's layout. `dtype`: of the activations
-    and output gradients (float32 by default; bf16 as under autocast)."""
+    `ids`/`d`, per-sample coefficients `coef`), its `WeightSlot` (`slot`) and one closure per variant: `plain` →
+    dW; `formed`, `token`, `embedding` → (per-sample sketches, Σ_s coef_s G_s) in the parameter's layout, made
+    with the engine's own pieces (the slot's projections, `weighted_sum`, the layout's `scale_tokens`,
+    `one_hot`). `dtype`: of the activations and output gradients (float32 by default; bf16 as under autocast)."""
     import torch
 
+    from hf_dograph.sketch.layers.base import weighted_sum
     from hf_dograph.sketch.layers.embedding import EmbeddingHandler
     from hf_dograph.sketch.layers.linear import LinearHandler
+    from hf_dograph.sketch.layout import SampleLayout
+    from hf_dograph.tensors import one_hot
 
     dtype = dtype or torch.float32
+    layout = SampleLayout.rows(batch)
     g = torch.Generator().manual_seed(0)
     coef = torch.rand(batch, generator=g).to(device)
 
@@ -92,17 +98,22 @@ def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None)
 
             def formed(left=left, right=right, slot=slot):  # → (sketches, weighted gradient)
                 per_sample = torch.bmm(left.transpose(1, 2), right).float()
-                return slot.sketch(per_sample), (coef @ per_sample.reshape(batch, -1)).view(per_sample.shape[1:])
+                weighted = weighted_sum(per_sample.reshape(batch, -1), coef, None)
+                return slot.sketch(per_sample), weighted.view(per_sample.shape[1:])
 
             def token(left=left, right=right, slot=slot):
                 u, v = slot.project(left, 0).float(), slot.project(right, 1).float()
-                scaled = left * coef[:, None, None].to(left.dtype)
-                weighted = scaled.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
+                # the coefficients scale the narrower side, as the engine does (the smaller temporary)
+                if left.shape[-1] <= right.shape[-1]:
+                    left = layout.scale_tokens(left, coef)
+                else:
+                    right = layout.scale_tokens(right, coef)
+                weighted = left.reshape(-1, left.shape[-1]).T @ right.reshape(-1, right.shape[-1])
                 return torch.bmm(u.transpose(1, 2), v), weighted
 
             engine_path = "formed" if h.forms_per_sample(seq) else "token"
             out.append({"name": h.name, "kind": "linear", "shape": list(h.weight.shape), "engine": engine_path,
-                        "transposed": h.transposed, "a": a, "d": d, "coef": coef,
+                        "transposed": h.transposed, "a": a, "d": d, "coef": coef, "slot": slot,
                         "plain": plain, "formed": formed, "token": token})
         elif isinstance(h, EmbeddingHandler):
             slot = engine.slot(h.weight)
@@ -115,14 +126,14 @@ def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None)
 
             def embedding(ids=ids, d=d, h=h, slot=slot):
                 p_rows = slot.projection(0, ids.device, torch.float32)
-                u = torch.nn.functional.one_hot(ids, h.num).float() if p_rows is None else p_rows[ids]
+                u = one_hot(ids, h.num, torch.float32) if p_rows is None else p_rows[ids]
                 sketches = torch.bmm(u.transpose(1, 2), slot.project(d, 1).float())
-                scaled = d * coef[:, None, None].to(d.dtype)
+                scaled = layout.scale_tokens(d, coef)
                 return sketches, torch.zeros(h.num, h.dim, device=device, dtype=d.dtype).index_add_(
                     0, ids.reshape(-1), scaled.reshape(-1, h.dim))
 
             out.append({"name": h.name, "kind": "embedding", "shape": list(h.weight.shape), "engine": "embedding",
-                        "ids": ids, "d": d, "coef": coef, "plain": plain, "embedding": embedding})
+                        "ids": ids, "d": d, "coef": coef, "slot": slot, "plain": plain, "embedding": embedding})
     return out
 
 
@@ -138,24 +149,17 @@ def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log, dev
         optimizer_step(plain_t, b)
         optimizer_step(dograph_t, b)
     kernels = layer_kernels(dograph_t.grad_engine, batch, seq, device, torch.bfloat16 if bf16 else None)
-    steps = {"plain": [], "dograph": []}
     per_layer = {k["name"]: {v: [] for v in ("plain", "formed", "token", "embedding") if v in k} for k in kernels}
-    with torch.no_grad():
-        for r, b in enumerate(batches[3:]):
-            order = ("plain", "dograph") if r % 2 == 0 else ("dograph", "plain")
-            for name in order:
-                t = plain_t if name == "plain" else dograph_t
-                with torch.enable_grad():
-                    _sync(device)
-                    t0 = time.perf_counter()
-                    optimizer_step(t, b)
-                    _sync(device)
-                    steps[name].append(time.perf_counter() - t0)
-            for k in kernels:  # one sample of every variant per round, between the steps they compare with
+
+    def sample_kernels(r: int) -> None:  # one sample of every variant per round, between the steps they compare with
+        with torch.no_grad():
+            for k in kernels:
                 for v in per_layer[k["name"]]:
                     per_layer[k["name"]][v].append(_median_ms(k[v], reps, device))
-            if (r + 1) % max(1, rounds // 4) == 0:
-                log(f"  {model}: round {r + 1}/{rounds}")
+        if (r + 1) % max(1, rounds // 4) == 0:
+            log(f"  {model}: round {r + 1}/{rounds}")
+
+    steps, _ = paired_rounds({"plain": plain_t, "dograph": dograph_t}, batches[3:], device, sample_kernels)
     plain_ms = statistics.median(steps["plain"]) * 1e3
     dograph_ms = statistics.median(steps["dograph"]) * 1e3
     ratios = [d / p for p, d in zip(steps["plain"], steps["dograph"])]

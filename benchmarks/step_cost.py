@@ -248,11 +248,13 @@ def optimizer_step(trainer, batch: dict) -> None:
     trainer.model.zero_grad(set_to_none=True)
 
 
-def paired_rounds(trainers: dict, batches: list[dict], device: str = "cpu") -> tuple[dict, dict]:
+def paired_rounds(trainers: dict, batches: list[dict], device: str = "cpu",
+                  after_round=None) -> tuple[dict, dict]:
     """Wall and CPU seconds of every step of two trainers that alternate on the same batches (order flipped
     every round): {name: [seconds per round]} each. A step is what `Trainer.train()` does per optimizer step:
-    `training_step`, gradient clipping, optimizer and scheduler step, `zero_grad`. Works with any version of
-    hf_dograph (only the Trainer's API is used): `tiny_step.py` times an older checkout with it."""
+    `training_step`, gradient clipping, optimizer and scheduler step, `zero_grad`. `after_round(r)`, if given,
+    runs after round r's two steps (untimed; `sketch_floor.py` samples its kernels there). Works with any version
+    of hf_dograph (only the Trainer's API is used): `tiny_step.py` times an older checkout with it."""
     import torch
 
     def step(t, b) -> tuple[float, float]:
@@ -272,6 +274,8 @@ def paired_rounds(trainers: dict, batches: list[dict], device: str = "cpu") -> t
             w, c = step(trainers[name], b)
             wall[name].append(w)
             cpu[name].append(c)
+        if after_round is not None:
+            after_round(r)
     return wall, cpu
 
 
