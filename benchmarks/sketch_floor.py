@@ -11,6 +11,12 @@ its own `WeightSlot` projections and its own formed/token choice), on random ten
   token      the projections a P_cᵀ and δ P_rᵀ, their per-sample product, and the weighted dW = δᵀ(c ⊙ a)
   embedding  a column of P_V per token, δ P_Dᵀ, their per-sample product, and the scaled `index_add_`
 
+With `--fused`, each linear layer also times its own two other matmuls (y = a W, dX = δ Wᵀ), its two token
+projections (a P_in, δ P_out) alone, and the same four products as two wider matmuls, the projections appended
+to W as extra columns (a [W | P_in], δ [Wᵀ | P_out], W concatenated afresh as in every step): what computing the
+projections inside the forward's and backward's own matmuls would save, summed over the layers on the token
+path. (The engine does not do this; the measurement says whether it is worth doing.)
+
 floor = Σ (DoGraph's path) − Σ plain: the least extra a step can cost with this sketch at these settings, on this
 machine, for the weights alone (biases, norms, the CountSketch into k, the domain model and the weights are
 left out, so the true floor is higher). "engine" takes each layer's path as the engine chooses it (`form_below`);
@@ -21,6 +27,7 @@ the CPU grid, 5% for GPT-2 small on a GPU: `--bound`) the sketch's own arithmeti
     python benchmarks/sketch_floor.py --models 2x64 --rounds 30 --json f.json --plot f.png
     python benchmarks/sketch_floor.py --replot f.json --plot f.png     # the figure again, no runs
     python benchmarks/sketch_floor.py --device cuda --models 12x768 --batch 16 --seq 512 --bf16 --bound 0.05
+    python benchmarks/sketch_floor.py --models 2x128,4x256 --fused --layers   # would fused projections help?
 
 With `--bf16` the activations and output gradients are bf16 and every matmul runs in bf16, as under the
 Trainer's autocast, while per-sample gradients, sketches and the formed path's weighted sum are float32, as
@@ -63,12 +70,14 @@ def _median_ms(fn, reps: int, device: str = "cpu") -> float:
     return statistics.median(times) * 1e3
 
 
-def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None) -> list[dict]:
+def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None, fused: bool = False) -> list[dict]:
     """For each handler that sketches a weight: its name, shape, the engine's path, its inputs (`a`/`d` or
     `ids`/`d`, per-sample coefficients `coef`), its `WeightSlot` (`slot`) and one closure per variant: `plain` →
     dW; `formed`, `token`, `embedding` → (per-sample sketches, Σ_s coef_s G_s) in the parameter's layout, made
     with the engine's own pieces (the slot's projections, `weighted_sum`, the layout's `scale_tokens`,
-    `one_hot`). `dtype`: of the activations and output gradients (float32 by default; bf16 as under autocast)."""
+    `one_hot`). `dtype`: of the activations and output gradients (float32 by default; bf16 as under autocast).
+    `fused`: linear layers also get `layer` → (a W, δ Wᵀ), `projections` → (a P_in, δ P_out) and `layer_fused` →
+    the same four from two wider matmuls (module docstring); a side the slot keeps exact has no projection."""
     import torch
 
     from hf_dograph.sketch.layers.base import weighted_sum
@@ -115,6 +124,8 @@ def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None)
             out.append({"name": h.name, "kind": "linear", "shape": list(h.weight.shape), "engine": engine_path,
                         "transposed": h.transposed, "a": a, "d": d, "coef": coef, "slot": slot,
                         "plain": plain, "formed": formed, "token": token})
+            if fused:
+                out[-1].update(_fused_kernels(h, slot, a, d, randn(h.in_features, h.out_features)))
         elif isinstance(h, EmbeddingHandler):
             slot = engine.slot(h.weight)
             ids = torch.randint(0, h.num, (batch, seq), generator=g).to(device)
@@ -137,8 +148,36 @@ def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None)
     return out
 
 
+def _fused_kernels(h, slot, a, d, w) -> dict:
+    """A linear layer's forward and input-gradient matmuls with and without its token projections appended as
+    extra columns. `w` (in, out) stands for the weight in the orientation y = a w; the projections are the slot's
+    (the parameter's axis 0 is its input side for a transposed layer such as HF's Conv1D, its output side for
+    nn.Linear)."""
+    import torch
+
+    a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+    in_axis = 0 if h.transposed else 1
+    p_in = slot.projection(in_axis, a.device, a.dtype)
+    p_out = slot.projection(1 - in_axis, d.device, d.dtype)
+    n_in, n_out = w.shape
+
+    def layer():
+        return a2 @ w, d2 @ w.T
+
+    def projections():
+        return (None if p_in is None else a2 @ p_in), (None if p_out is None else d2 @ p_out)
+
+    def layer_fused():
+        # The weight changes every step, so the wider matrices are concatenated every time (their cost counts).
+        y_u = a2 @ w if p_in is None else a2 @ torch.cat([w, p_in], 1)
+        x_v = d2 @ w.T if p_out is None else d2 @ torch.cat([w.T, p_out], 1)
+        return y_u[:, :n_out], y_u[:, n_out:], x_v[:, :n_in], x_v[:, n_in:]
+
+    return {"layer": layer, "projections": projections, "layer_fused": layer_fused}
+
+
 def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log, device: str = "cpu",
-              bf16: bool = False) -> dict:
+              bf16: bool = False, fused: bool = False) -> dict:
     import torch
 
     spec = {"model": model, "batch": batch, "seq": seq, "device": device, "seed": 0, "bf16": bf16}
@@ -148,8 +187,9 @@ def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log, dev
     for b in batches[:3]:  # warm-up: DoGraph fits its domains at the first step
         optimizer_step(plain_t, b)
         optimizer_step(dograph_t, b)
-    kernels = layer_kernels(dograph_t.grad_engine, batch, seq, device, torch.bfloat16 if bf16 else None)
-    per_layer = {k["name"]: {v: [] for v in ("plain", "formed", "token", "embedding") if v in k} for k in kernels}
+    kernels = layer_kernels(dograph_t.grad_engine, batch, seq, device, torch.bfloat16 if bf16 else None, fused)
+    variants = ("plain", "formed", "token", "embedding", "layer", "projections", "layer_fused")
+    per_layer = {k["name"]: {v: [] for v in variants if v in k} for k in kernels}
 
     def sample_kernels(r: int) -> None:  # one sample of every variant per round, between the steps they compare with
         with torch.no_grad():
@@ -175,12 +215,21 @@ def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log, dev
     plain_dw = sum(x["plain_ms"] for x in layers)
     floor_engine = sum(x["engine_ms"] for x in layers) - plain_dw
     floor_best = sum(x["best_ms"] for x in layers) - plain_dw
-    return {"model": model, "batch": batch, "seq": seq, "vocab": MODELS[model][2], "rounds": rounds,
-            "device": device, "bf16": bf16, "threads": torch.get_num_threads(),
-            "plain_step_ms": plain_ms, "dograph_step_ms": dograph_ms,
-            "step_ratio_median": statistics.median(ratios), "step_ratio_range": [min(ratios), max(ratios)],
-            "plain_weight_grads_ms": plain_dw, "floor_engine_ms": floor_engine, "floor_best_ms": floor_best,
-            "layers": layers}
+    result = {"model": model, "batch": batch, "seq": seq, "vocab": MODELS[model][2], "rounds": rounds,
+              "device": device, "bf16": bf16, "threads": torch.get_num_threads(),
+              "plain_step_ms": plain_ms, "dograph_step_ms": dograph_ms,
+              "step_ratio_median": statistics.median(ratios), "step_ratio_range": [min(ratios), max(ratios)],
+              "plain_weight_grads_ms": plain_dw, "floor_engine_ms": floor_engine, "floor_best_ms": floor_best,
+              "layers": layers}
+    if fused:
+        token_layers = [x for x in layers if x.get("engine_path") == "token"]
+        for x in layers:
+            if "layer_ms" in x:
+                x["fused_saving_ms"] = x["layer_ms"] + x["projections_ms"] - x["layer_fused_ms"]
+        result["fused"] = {"token_layers": len(token_layers),
+                           "projections_ms": sum(x["projections_ms"] for x in token_layers),
+                           "saving_ms": sum(x["fused_saving_ms"] for x in token_layers)}
+    return result
 
 
 def table(results: list[dict], bound: float = 0.10) -> str:
@@ -198,13 +247,32 @@ def table(results: list[dict], bound: float = 0.10) -> str:
     return "\n".join([head, *rows])
 
 
+def fused_table(results: list[dict]) -> str:
+    """`--fused`: per point, the token projections' cost alone and what computing them inside the layers' own
+    matmuls saves (negative: costs more), over the layers on the token path."""
+    rows = ["| model | B | T | token-path layers | projections alone (ms) | saved by fusing them (ms) | saved / plain step |",
+            "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "fused" in r:
+            f = r["fused"]
+            rows.append(f"| {r['model']} | {r['batch']} | {r['seq']} | {f['token_layers']} | {f['projections_ms']:.2f} | "
+                        f"{f['saving_ms']:.2f} | {f['saving_ms'] / r['plain_step_ms']:.1%} |")
+    return "\n".join(rows)
+
+
 def layer_table(r: dict) -> str:
-    lines = [f"{r['model']} B={r['batch']} T={r['seq']}: per layer (ms; medians)",
-             "| layer | shape | engine's path | plain dW | formed | token | embedding |", "|---|---|---|---:|---:|---:|---:|"]
+    fused = "fused" in r
+    head = "| layer | shape | engine's path | plain dW | formed | token | embedding |"
+    rule = "|---|---|---|---:|---:|---:|---:|"
+    if fused:
+        head += " y = aW, dX = δWᵀ | projections | both fused | saved by fusing |"
+        rule += "---:|---:|---:|---:|"
+    lines = [f"{r['model']} B={r['batch']} T={r['seq']}: per layer (ms; medians)", head, rule]
+    keys = ("plain_ms", "formed_ms", "token_ms", "embedding_ms")
+    keys += ("layer_ms", "projections_ms", "layer_fused_ms", "fused_saving_ms") if fused else ()
     for x in r["layers"]:
-        cell = lambda k: f"{x[k]:.2f}" if k in x else "—"  # noqa: E731
-        lines.append(f"| {x['name']} | {'×'.join(map(str, x['shape']))} | {x['engine_path']} | {cell('plain_ms')} | "
-                     f"{cell('formed_ms')} | {cell('token_ms')} | {cell('embedding_ms')} |")
+        cells = " | ".join(f"{x[k]:.2f}" if k in x else "—" for k in keys)
+        lines.append(f"| {x['name']} | {'×'.join(map(str, x['shape']))} | {x['engine_path']} | {cells} |")
     return "\n".join(lines)
 
 
@@ -246,6 +314,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=20, help="paired plain/DoGraph rounds per point")
     ap.add_argument("--reps", type=int, default=5, help="repeats of each kernel per round (its median is kept)")
     ap.add_argument("--layers", action="store_true", help="also print the per-layer table of every point")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time the token projections computed inside the layers' own matmuls (see above)")
     ap.add_argument("--bound", type=float, default=0.10,
                     help="the issue's bound on the extra, as a fraction of the plain step (0.10 CPU grid, 0.05 GPU)")
     ap.add_argument("--json", help="write the results here")
@@ -274,10 +344,14 @@ def main(argv=None) -> None:
             print(f"measuring {model} B={batch} T={seq} on {args.device}{' bf16' if args.bf16 else ''} ...",
                   file=sys.stderr, flush=True)
             results.append(run_point(model, batch, seq, args.rounds, args.reps,
-                                     lambda s: print(s, file=sys.stderr, flush=True), args.device, args.bf16))
+                                     lambda s: print(s, file=sys.stderr, flush=True), args.device, args.bf16,
+                                     args.fused))
         if args.json:
             Path(args.json).write_text(json.dumps({"command": " ".join(sys.argv), "results": results}, indent=1))
     print(table(results, args.bound))
+    if any("fused" in r for r in results):
+        print()
+        print(fused_table(results))
     if args.layers:
         for r in results:
             print()

@@ -53,10 +53,43 @@ def test_every_variant_computes_the_engines_sketch_and_weighted_gradient(dtype, 
             assert _close(sketches, sketch_ref, max(rel, 1e-4)), (k["name"], v)
 
 
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_kernels_compute_the_layer_and_the_engines_projections(dtype, rel):
+    """`--fused`: the wider matmuls give the layer's own y = a W and dX = δ Wᵀ and the engine's token projections
+    (the slot's, on the right sides), the same as the separate products."""
+    floor = _floor()
+    batch, seq = 3, 8
+    _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": batch, "seq": seq, "device": "cpu"}, "floor_test")
+    kernels = [k for k in floor.layer_kernels(dograph.grad_engine, batch, seq, dtype=dtype, fused=True)
+               if k["kind"] == "linear"]
+    projected = 0
+    for k in kernels:
+        a2, d2 = k["a"].reshape(-1, k["a"].shape[-1]).float(), k["d"].reshape(-1, k["d"].shape[-1]).float()
+        y, dx = k["layer"]()
+        u, v = k["projections"]()
+        y_f, u_f, dx_f, v_f = k["layer_fused"]()
+        in_side, out_side = (0, 1) if k["transposed"] else (1, 0)
+        # the engine's projections of the layer's inputs and output gradients (identity where a side is exact)
+        u_ref, v_ref = k["slot"].project(a2, in_side), k["slot"].project(d2, out_side)
+        assert _close(y_f.float(), y.float(), rel) and _close(dx_f.float(), dx.float(), rel), k["name"]
+        for got, fused, ref, source in ((u, u_f, u_ref, a2), (v, v_f, v_ref, d2)):
+            if got is None:  # a side the slot keeps exact: nothing projected, nothing appended
+                assert fused.shape[1] == 0 and ref is source, k["name"]
+                continue
+            projected += 1
+            assert _close(got.float(), ref, rel) and _close(fused.float(), ref, rel), k["name"]
+    assert projected >= 2 * len(kernels) - 2  # every side of every linear map but the head's exact hidden axis
+
+
 def test_a_tiny_run_reports_a_finite_floor_and_replots(tmp_path, capsys):
     floor = _floor()
-    r = floor.run_point("2x64", 2, 8, rounds=2, reps=1, log=lambda s: None)
+    r = floor.run_point("2x64", 2, 8, rounds=2, reps=1, log=lambda s: None, fused=True)
     assert r["plain_step_ms"] > 0 and r["dograph_step_ms"] > 0 and len(r["layers"]) == 11
+    token = [x for x in r["layers"] if x["engine_path"] == "token"]
+    assert r["fused"]["token_layers"] == len(token) > 0  # T = 8: short samples, every linear map on the token path
+    assert r["fused"]["saving_ms"] == pytest.approx(sum(x["fused_saving_ms"] for x in token))
+    assert all(math.isfinite(x["fused_saving_ms"]) for x in token)
+    assert "| 2x64 | 2 | 8 | 9 |" in floor.fused_table([r]) and "saved by fusing" in floor.layer_table(r)
     for key in ("plain_weight_grads_ms", "floor_engine_ms", "floor_best_ms"):
         assert math.isfinite(r[key])
     assert r["floor_best_ms"] <= r["floor_engine_ms"] + 1e-9  # best-of-two per layer is never above the choice
