@@ -222,7 +222,7 @@ def run_point(model: str, batch: int, seq: int, rounds: int, reps: int, log, dev
               "plain_weight_grads_ms": plain_dw, "floor_engine_ms": floor_engine, "floor_best_ms": floor_best,
               "layers": layers}
     if fused:
-        token_layers = [x for x in layers if x.get("engine_path") == "token"]
+        token_layers = [x for x in layers if x["engine_path"] == "token"]
         for x in layers:
             if "layer_ms" in x:
                 x["fused_saving_ms"] = x["layer_ms"] + x["projections_ms"] - x["layer_fused_ms"]
