@@ -125,7 +125,7 @@ def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None,
                         "transposed": h.transposed, "a": a, "d": d, "coef": coef, "slot": slot,
                         "plain": plain, "formed": formed, "token": token})
             if fused:
-                out[-1].update(_fused_kernels(h, slot, a, d, randn(h.in_features, h.out_features)))
+                out[-1].update(_fused_kernels(slot, a, d, left, randn(h.in_features, h.out_features)))
         elif isinstance(h, EmbeddingHandler):
             slot = engine.slot(h.weight)
             ids = torch.randint(0, h.num, (batch, seq), generator=g).to(device)
@@ -148,17 +148,17 @@ def layer_kernels(engine, batch: int, seq: int, device: str = "cpu", dtype=None,
     return out
 
 
-def _fused_kernels(h, slot, a, d, w) -> dict:
+def _fused_kernels(slot, a, d, left, w) -> dict:
     """A linear layer's forward and input-gradient matmuls with and without its token projections appended as
-    extra columns. `w` (in, out) stands for the weight in the orientation y = a w; the projections are the slot's
-    (the parameter's axis 0 is its input side for a transposed layer such as HF's Conv1D, its output side for
-    nn.Linear)."""
+    extra columns. `w` (in, out) stands for the weight in the orientation y = a w; the projections are the slot's,
+    `left` being whichever of a and d lies along the parameter's rows (the slot's axis 0, as `layer_kernels` and
+    the engine's `collect` lay them out)."""
     import torch
 
     a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
-    in_axis = 0 if h.transposed else 1
-    p_in = slot.projection(in_axis, a.device, a.dtype)
-    p_out = slot.projection(1 - in_axis, d.device, d.dtype)
+    a_axis = 0 if left is a else 1
+    p_in = slot.projection(a_axis, a.device, a.dtype)
+    p_out = slot.projection(1 - a_axis, d.device, d.dtype)
     n_in, n_out = w.shape
 
     def layer():

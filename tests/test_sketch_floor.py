@@ -55,8 +55,9 @@ def test_every_variant_computes_the_engines_sketch_and_weighted_gradient(dtype, 
 
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_fused_kernels_compute_the_layer_and_the_engines_projections(dtype, rel):
-    """`--fused`: the wider matmuls give the layer's own y = a W and dX = δ Wᵀ and the engine's token projections
-    (the slot's, on the right sides), the same as the separate products."""
+    """`--fused`: the wider matmuls give the layer's own y = a W and dX = δ Wᵀ and the engine's token projections,
+    the same as the separate products; laid out like the parameter, those projections make the engine's sketch of
+    each sample's gradient (from a per-sample loop)."""
     floor = _floor()
     batch, seq = 3, 8
     _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": batch, "seq": seq, "device": "cpu"}, "floor_test")
@@ -64,20 +65,30 @@ def test_fused_kernels_compute_the_layer_and_the_engines_projections(dtype, rel)
                if k["kind"] == "linear"]
     projected = 0
     for k in kernels:
-        a2, d2 = k["a"].reshape(-1, k["a"].shape[-1]).float(), k["d"].reshape(-1, k["d"].shape[-1]).float()
+        slot = k["slot"]
+        a, d = k["a"].float(), k["d"].float()
+        a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
+        left, right = (a, d) if k["transposed"] else (d, a)  # the parameter's layout (rows, cols)
+        per_sample = torch.stack([left[s].T @ right[s] for s in range(batch)])  # the loop reference
         y, dx = k["layer"]()
         u, v = k["projections"]()
         y_f, u_f, dx_f, v_f = k["layer_fused"]()
-        in_side, out_side = (0, 1) if k["transposed"] else (1, 0)
-        # the engine's projections of the layer's inputs and output gradients (identity where a side is exact)
-        u_ref, v_ref = k["slot"].project(a2, in_side), k["slot"].project(d2, out_side)
         assert _close(y_f.float(), y.float(), rel) and _close(dx_f.float(), dx.float(), rel), k["name"]
-        for got, fused, ref, source in ((u, u_f, u_ref, a2), (v, v_f, v_ref, d2)):
+        for got, fused, source in ((u, u_f, a2), (v, v_f, d2)):
             if got is None:  # a side the slot keeps exact: nothing projected, nothing appended
-                assert fused.shape[1] == 0 and ref is source, k["name"]
-                continue
-            projected += 1
-            assert _close(got.float(), ref, rel) and _close(fused.float(), ref, rel), k["name"]
+                assert fused.shape[1] == 0, k["name"]
+            else:
+                projected += 1
+                assert _close(fused.float(), got.float(), rel), k["name"]
+        for pa, pd in ((u, v), (u_f, v_f)):
+            pa = a2 if pa is None or pa.shape[1] == 0 else pa.float()
+            pd = d2 if pd is None or pd.shape[1] == 0 else pd.float()
+            p_left, p_right = (pa, pd) if k["transposed"] else (pd, pa)
+            # the engine's projections of the same tokens: axis 0 of the rows side, axis 1 of the columns side
+            assert _close(p_left, slot.project(left.reshape(-1, left.shape[-1]), 0), rel), k["name"]
+            assert _close(p_right, slot.project(right.reshape(-1, right.shape[-1]), 1), rel), k["name"]
+            sketches = torch.bmm(p_left.view(batch, seq, -1).transpose(1, 2), p_right.view(batch, seq, -1))
+            assert _close(sketches, slot.sketch(per_sample), max(rel, 1e-4)), k["name"]
     assert projected >= 2 * len(kernels) - 2  # every side of every linear map but the head's exact hidden axis
 
 
