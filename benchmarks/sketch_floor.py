@@ -330,7 +330,8 @@ def main(argv=None) -> None:
         for model in args.models.split(","):
             if model not in MODELS:
                 ap.error(f"--models: {model!r} is not one of {sorted(MODELS)}")
-            batch, seq = (args.batch or grid.get(model, (None, None))[0]), (args.seq or grid.get(model, (None, None))[1])
+            grid_batch, grid_seq = grid.get(model, (None, None))
+            batch, seq = args.batch or grid_batch, args.seq or grid_seq
             if batch is None or seq is None:
                 ap.error(f"--models {model}: not in the grid {sorted(grid)}, so give --batch and --seq")
             points.append((model, batch, seq))

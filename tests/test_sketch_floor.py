@@ -22,13 +22,27 @@ def _close(x, y, rel=1e-5):
     return (x - y).abs().max().item() <= rel * max(1.0, y.abs().max().item())
 
 
+BATCH, SEQ = 3, 8
+
+
+def _kernels(dtype, fused=False):
+    """The benchmark's kernels for a GPT-2 2x64 DoGraphTrainer's engine, BATCH samples of SEQ tokens."""
+    floor = _floor()
+    _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": BATCH, "seq": SEQ, "device": "cpu"}, "floor_test")
+    return floor.layer_kernels(dograph.grad_engine, BATCH, SEQ, dtype=dtype, fused=fused)
+
+
+def _linear_loop(k):
+    """A linear kernel's inputs laid out like its parameter (rows, cols), in float32, and each sample's weight
+    gradient from a per-sample loop (the reference)."""
+    a, d = k["a"].float(), k["d"].float()
+    left, right = (a, d) if k["transposed"] else (d, a)
+    return left, right, torch.stack([left[s].T @ right[s] for s in range(BATCH)])
+
+
 @pytest.mark.parametrize("dtype, rel", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_every_variant_computes_the_engines_sketch_and_weighted_gradient(dtype, rel):
-    floor = _floor()
-    batch, seq = 3, 8
-    _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": batch, "seq": seq, "device": "cpu"}, "floor_test")
-    engine = dograph.grad_engine
-    kernels = floor.layer_kernels(engine, batch, seq, dtype=dtype)
+    kernels = _kernels(dtype)
     # GPT-2 2x64: wte and wpe, 4 linear maps per block, the output head (tied to wte)
     assert [k["kind"] for k in kernels].count("embedding") == 2 and [k["kind"] for k in kernels].count("linear") == 9
     for k in kernels:
@@ -36,13 +50,12 @@ def test_every_variant_computes_the_engines_sketch_and_weighted_gradient(dtype, 
         coef, d = k["coef"], k["d"].float()  # the reference in float32, from the kernels' own (rounded) inputs
         assert k["d"].dtype == dtype
         if k["kind"] == "linear":
-            left, right = (k["a"].float(), d) if k["transposed"] else (d, k["a"].float())
-            per_sample = torch.stack([left[s].T @ right[s] for s in range(batch)])  # the loop reference
+            per_sample = _linear_loop(k)[2]
         else:
             rows, dim = k["shape"]
             per_sample = torch.stack([torch.nn.functional.one_hot(k["ids"][s], rows).float().T @ d[s]
-                                      for s in range(batch)])
-        weighted_ref = sum(coef[s] * per_sample[s] for s in range(batch))
+                                      for s in range(BATCH)])
+        weighted_ref = sum(coef[s] * per_sample[s] for s in range(BATCH))
         sketch_ref = slot.sketch(per_sample)
         assert _close(k["plain"]().float(), per_sample.sum(0), rel), k["name"]
         variants = ("formed", "token") if k["kind"] == "linear" else ("embedding",)
@@ -58,18 +71,13 @@ def test_fused_kernels_compute_the_layer_and_the_engines_projections(dtype, rel)
     """`--fused`: the wider matmuls give the layer's own y = a W and dX = δ Wᵀ and the engine's token projections,
     the same as the separate products; laid out like the parameter, those projections make the engine's sketch of
     each sample's gradient (from a per-sample loop)."""
-    floor = _floor()
-    batch, seq = 3, 8
-    _, dograph = floor.plain_and_dograph({"model": "2x64", "batch": batch, "seq": seq, "device": "cpu"}, "floor_test")
-    kernels = [k for k in floor.layer_kernels(dograph.grad_engine, batch, seq, dtype=dtype, fused=True)
-               if k["kind"] == "linear"]
+    kernels = [k for k in _kernels(dtype, fused=True) if k["kind"] == "linear"]
     projected = 0
     for k in kernels:
         slot = k["slot"]
         a, d = k["a"].float(), k["d"].float()
         a2, d2 = a.reshape(-1, a.shape[-1]), d.reshape(-1, d.shape[-1])
-        left, right = (a, d) if k["transposed"] else (d, a)  # the parameter's layout (rows, cols)
-        per_sample = torch.stack([left[s].T @ right[s] for s in range(batch)])  # the loop reference
+        left, right, per_sample = _linear_loop(k)
         y, dx = k["layer"]()
         u, v = k["projections"]()
         y_f, u_f, dx_f, v_f = k["layer_fused"]()
@@ -87,7 +95,7 @@ def test_fused_kernels_compute_the_layer_and_the_engines_projections(dtype, rel)
             # the engine's projections of the same tokens: axis 0 of the rows side, axis 1 of the columns side
             assert _close(p_left, slot.project(left.reshape(-1, left.shape[-1]), 0), rel), k["name"]
             assert _close(p_right, slot.project(right.reshape(-1, right.shape[-1]), 1), rel), k["name"]
-            sketches = torch.bmm(p_left.view(batch, seq, -1).transpose(1, 2), p_right.view(batch, seq, -1))
+            sketches = torch.bmm(p_left.view(BATCH, SEQ, -1).transpose(1, 2), p_right.view(BATCH, SEQ, -1))
             assert _close(sketches, slot.sketch(per_sample), max(rel, 1e-4)), k["name"]
     assert projected >= 2 * len(kernels) - 2  # every side of every linear map but the head's exact hidden axis
 
